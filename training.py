@@ -1,0 +1,165 @@
+"""The one training loop, validation, test and checkpointing that every meta-learner shares.
+
+A learner (ProtoNet, MAML, ...) subclasses MetaLearner and supplies only
+    METRICS            ordered {key: printed label}; 'loss' first, then per-task accuracies
+    TEST_METRIC        the key whose per-task values `test` averages (a query accuracy)
+    architecture       a string naming what the parameters are, checked when a checkpoint loads
+    _evaluate(task_batch, train) -> (loss, metrics)
+                       loss: mean query loss over the tasks, a 0-dim tensor (with grad if train)
+                       metrics: {key: numpy array of shape (num_tasks,)} for every METRICS key
+                       but 'loss'
+    _checkpoint_state() / _load_checkpoint_state(state)
+                       the learner's own checkpoint keys (parameters and optimizer state)
+and an Adam optimizer in self._optimizer. Everything else lives here, once.
+"""
+import os
+
+import numpy as np
+import torch
+
+import util
+
+LOG_INTERVAL = 10
+VAL_INTERVAL = 50
+SAVE_INTERVAL = 100
+NUM_VAL_BATCHES = 4  # validation uses batch_size * 4 tasks
+NUM_TEST_TASKS = 600
+
+
+class MetaLearner:
+    METRICS = {}
+    TEST_METRIC = None
+    architecture = None
+
+    def __init__(self, log_dir, device, val_interval=None, save_interval=None, val_ci95=False):
+        self._log_dir = log_dir
+        self._device = device
+        self._val_interval = val_interval or VAL_INTERVAL
+        self._save_interval = save_interval or SAVE_INTERVAL
+        self._val_ci95 = val_ci95
+        self._start_train_step = 0
+        self._loader_states = None
+
+    # ----- what subclasses implement -----
+    def _evaluate(self, task_batch, train):
+        raise NotImplementedError
+
+    def _checkpoint_state(self):
+        raise NotImplementedError
+
+    def _load_checkpoint_state(self, state):
+        raise NotImplementedError
+
+    def _log_extra(self, writer, step):
+        """Hook for learner-specific TensorBoard scalars (e.g. learned inner learning rates)."""
+
+    # ----- the loop -----
+    def train(self, dataloader_train, dataloader_val, writer):
+        """Trains from self._start_train_step until dataloader_train runs out.
+
+        Args:
+            dataloader_train (TaskLoader): yields batches of training tasks
+            dataloader_val (TaskLoader): yields batches of validation tasks
+            writer (SummaryWriter): TensorBoard logger
+        """
+        print(f'Starting training at iteration {self._start_train_step}.')
+        if self._loader_states is not None:
+            dataloader_train.load_state_dict(self._loader_states['train'])
+            dataloader_val.load_state_dict(self._loader_states['val'])
+        step = self._start_train_step
+        for step, task_batch in enumerate(dataloader_train, start=self._start_train_step):
+            metrics = self._train_step(task_batch, step)
+            if step % LOG_INTERVAL == 0:
+                print(f'Iteration {step}: {self._format(metrics)}')
+                self._log(writer, 'train', metrics, step)
+                self._log_extra(writer, step)
+            if step % self._val_interval == 0:
+                metrics = self.validate(dataloader_val)
+                print(f'Validation: {self._format(metrics)}')
+                self._log(writer, 'val', metrics, step)
+            if step % self._save_interval == 0:
+                self._save(step, {'train': dataloader_train.state_dict(),
+                                  'val': dataloader_val.state_dict()})
+        writer.flush()
+        return step
+
+    def _train_step(self, task_batch, step):
+        self._optimizer.zero_grad()
+        loss, metrics = self._evaluate(task_batch, train=True)
+        if not torch.isfinite(loss):
+            raise util.UserError(
+                f'the training loss became {loss.item()} at iteration {step}; training stopped '
+                f'and the checkpoints in {self._log_dir} are the last good ones. Resume from one '
+                'with --checkpoint_step, or lower the learning rate')
+        loss.backward()
+        self._optimizer.step()
+        return self._summarize(loss, metrics)
+
+    def validate(self, dataloader_val):
+        """Mean loss and metrics over NUM_VAL_BATCHES batches of validation tasks."""
+        losses, per_task = [], []
+        for _, task_batch in zip(range(NUM_VAL_BATCHES), dataloader_val):
+            loss, metrics = self._evaluate(task_batch, train=False)
+            losses.append(loss.item())
+            per_task.append(metrics)
+        metrics = {key: np.concatenate([m[key] for m in per_task]) for key in per_task[0]}
+        summary = self._summarize(np.mean(losses), metrics)
+        if self._val_ci95:
+            summary['ci95'] = util.mean_and_ci95(metrics[self.TEST_METRIC])[1]
+        return summary
+
+    def test(self, dataloader_test):
+        """Evaluates every task of dataloader_test; prints the mean and its 95% interval."""
+        accuracies = np.concatenate([self._evaluate(task_batch, train=False)[1][self.TEST_METRIC]
+                                     for task_batch in dataloader_test])
+        mean, ci95 = util.mean_and_ci95(accuracies)
+        print(f'Accuracy over {len(accuracies)} test tasks: mean {mean:.3f}, '
+              f'95% confidence interval {ci95:.3f}')
+        return mean, ci95
+
+    # ----- metrics -----
+    def _summarize(self, loss, metrics):
+        summary = {'loss': float(loss)}
+        summary.update({key: float(np.mean(metrics[key])) for key in self.METRICS if key != 'loss'})
+        return summary
+
+    def _format(self, summary):
+        labels = dict(self.METRICS, ci95='Ci95')
+        return ', '.join(f'{labels[key]}: {value:.3f}' for key, value in summary.items())
+
+    @staticmethod
+    def _log(writer, split, summary, step):
+        for key, value in summary.items():
+            tag = f'loss/{split}' if key == 'loss' else f'{split}_accuracy/{key}'
+            writer.add_scalar(tag, value, step)
+
+    # ----- checkpoints -----
+    def _checkpoint_path(self, checkpoint_step):
+        return os.path.join(self._log_dir, f'state{checkpoint_step}.pt')
+
+    def _save(self, checkpoint_step, loader_states=None):
+        """Writes {log_dir}/state{checkpoint_step}.pt atomically."""
+        state = self._checkpoint_state()
+        state.update(architecture=self.architecture, step=checkpoint_step,
+                     loader_states=loader_states)
+        util.atomic_save(state, self._checkpoint_path(checkpoint_step))
+
+    def load(self, checkpoint_step):
+        """Loads {log_dir}/state{checkpoint_step}.pt; training then resumes at the next step."""
+        path = self._checkpoint_path(checkpoint_step)
+        if not os.path.isfile(path):
+            raise util.UserError(f'no checkpoint at {path}; check --log_dir and --checkpoint_step')
+        try:
+            state = torch.load(path, map_location=self._device, weights_only=True)
+        except Exception as error:
+            raise util.UserError(f'checkpoint {path} is corrupt or unreadable ({error}); '
+                                 'pick another --checkpoint_step') from None
+        if not isinstance(state, dict) or state.get('architecture') != self.architecture:
+            found = state.get('architecture') if isinstance(state, dict) else type(state).__name__
+            raise util.UserError(
+                f'checkpoint {path} holds a {found} model, but these flags build a '
+                f'{self.architecture} model; use the flags it was trained with or another --log_dir')
+        self._load_checkpoint_state(state)
+        self._start_train_step = checkpoint_step + 1
+        self._loader_states = state.get('loader_states')
+        print(f'Loaded checkpoint iteration {checkpoint_step}.')

@@ -1,0 +1,90 @@
+"""Small helpers shared by every script: accuracy, devices, user errors, atomic saves."""
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing data, wrong checkpoint).
+
+    `cli` prints it as one line and exits with status 2; bugs still raise normally.
+    """
+
+
+def score(logits, labels):
+    """Returns the mean accuracy of a model's predictions on a set of examples.
+
+    Args:
+        logits (torch.Tensor): model predicted logits
+            shape (examples, classes)
+        labels (torch.Tensor): classification labels from 0 to num_classes - 1
+            shape (examples,)
+    """
+    assert logits.dim() == 2
+    assert labels.dim() == 1
+    assert logits.shape[0] == labels.shape[0]
+    y = torch.argmax(logits, dim=-1) == labels
+    y = y.type(torch.float)
+    return torch.mean(y).item()
+
+
+def mean_and_ci95(values):
+    """Mean and half-width of the 95% confidence interval, 1.96 * std / sqrt(n), as the course."""
+    values = np.asarray(values, dtype=np.float64)
+    return values.mean(), 1.96 * values.std() / np.sqrt(len(values))
+
+
+def get_device(name):
+    """Maps the --device flag to a torch.device: 'gpu' is CUDA, else Apple MPS, else the CPU."""
+    if name == 'cpu':
+        return torch.device('cpu')
+    if name == 'gpu':
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        if torch.backends.mps.is_available():
+            return torch.device('mps')
+        print('No GPU found (neither CUDA nor MPS); using the CPU.')
+        return torch.device('cpu')
+    raise UserError(f"unknown device '{name}'; use --device cpu or --device gpu")
+
+
+def check_positive(**values):
+    """Raises UserError for the first flag whose value is not positive."""
+    for name, value in values.items():
+        if not value > 0:
+            raise UserError(f'--{name} must be positive, got {value}; pass a value above 0')
+
+
+def seed_everything(seed):
+    """Seeds torch (initial weights) and numpy; task sampling has generators of its own."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix='.pt')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cli(main):
+    """Runs main(); a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('Interrupted; the last checkpoint written is intact.', file=sys.stderr)
+        sys.exit(130)
