@@ -1,0 +1,321 @@
+"""TDC Metabolism: 8 CYP data sets as 1024-bit Morgan fingerprints; binary tasks sampled in memory.
+
+The data is the pickle the data set's authors distribute, `<datadir>/metabolism_data_new.pkl`:
+{name: {'feature': (n, 1024) array, 'label': (n,) 0/1 array}}. Without it we build the same dict
+from TDC's raw files (columns Drug_ID, Drug = SMILES, Y = 0/1), downloading them when absent,
+and cache it under that name. Each data set then lives in one float32 tensor on the training
+device, and a task is a few indexing operations.
+"""
+import csv
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rdkit import Chem, rdBase
+from rdkit.Chem import rdFingerprintGenerator
+from tqdm import tqdm
+
+import omniglot
+from util import UserError, check_positive
+
+TRAIN_SETS = ('CYP1A2_Veith', 'CYP3A4_Veith', 'CYP2D6_Veith', 'CYP2C9_Substrate_CarbonMangels',
+              'CYP2D6_Substrate_CarbonMangels')
+# The original used the same three data sets for meta-validation and meta-test.
+VAL_SETS = ('CYP3A4_Substrate_CarbonMangels', 'CYP2C19_Veith', 'CYP2C9_Veith')
+TEST_SETS = VAL_SETS
+ALL_SETS = TRAIN_SETS + VAL_SETS
+SPLIT_SETS = {'train': TRAIN_SETS, 'val': VAL_SETS, 'test': TEST_SETS}
+
+NUM_WAY = 2  # every data set is binary: class 0 = label 0, class 1 = label 1
+NUM_BITS = 1024
+MORGAN_RADIUS = 2
+CACHE_NAME = 'metabolism_data_new.pkl'
+COLUMNS = ('Drug_ID', 'Drug', 'Y')
+MIRROR_VARIABLE = 'TDC_MIRROR'
+OFFICIAL_URL = 'https://dataverse.harvard.edu/api/access/datafile'
+# TDC's Harvard Dataverse file ids (from TDC's metadata); these files are TSV.
+DATAVERSE_IDS = {'CYP1A2_Veith': 4259573, 'CYP2C19_Veith': 4259576, 'CYP2C9_Veith': 4259577,
+                 'CYP2D6_Veith': 4259580, 'CYP3A4_Veith': 4259582,
+                 'CYP2C9_Substrate_CarbonMangels': 4259584,
+                 'CYP2D6_Substrate_CarbonMangels': 4259578,
+                 'CYP3A4_Substrate_CarbonMangels': 4259581}
+NUM_EXAMPLES_SHOWN = 3
+
+
+# ----- getting the raw files -----
+def find_table(datadir, name):
+    """Path of data set name's file in datadir (.tab, else .csv), or None."""
+    for suffix in ('.tab', '.csv'):
+        path = Path(datadir) / (name.lower() + suffix)
+        if path.exists():
+            return path
+    return None
+
+
+def fetch_tables(datadir):
+    """{name: path} of the 8 raw files in datadir, downloading the missing ones into it."""
+    base, official = omniglot.source_url(MIRROR_VARIABLE, OFFICIAL_URL)
+    missing = [name for name in ALL_SETS if find_table(datadir, name) is None]
+    if missing:
+        Path(datadir).mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(missing):
+        path = Path(datadir) / (name.lower() + '.tab')
+        url = f'{base}/{DATAVERSE_IDS[name]}' if official else f'{base}/{path.name}'
+        fix = (f'set {MIRROR_VARIABLE} to a folder or file:// URL holding the TDC files of '
+               f"{', '.join(missing[i:])} (named like {path.name}), or put them in {datadir}")
+        omniglot.download(url, path, fix=fix)
+    return {name: find_table(datadir, name) for name in ALL_SETS}
+
+
+def read_table(path):
+    """Reads one TDC file: (SMILES strings, int64 labels of shape (n,)), every label 0 or 1."""
+    fix = f'{path} is not a TDC data set file; delete it and run again to download it anew'
+    with open(path, newline='', encoding='utf-8') as file:
+        reader = csv.DictReader(file, delimiter='\t' if path.suffix == '.tab' else ',')
+        if not set(COLUMNS) <= set(reader.fieldnames or ()):
+            raise UserError(f"{path} has columns {reader.fieldnames}, expected "
+                            f"{', '.join(COLUMNS)}: {fix}")
+        smiles, labels = [], []
+        for row in reader:
+            smiles.append(row['Drug'] or '')  # a missing field reads as None
+            labels.append(parse_label(row['Y'], path, reader.line_num, fix))
+    return smiles, np.array(labels, dtype=np.int64)
+
+
+def parse_label(text, path, line, fix):
+    """The label written as text ('1', '0.0', ...) as 0 or 1; anything else is a UserError."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None  # a missing field reads as None
+    if value not in (0.0, 1.0):
+        raise UserError(f'{path} line {line} has label Y = {text!r}, expected 0 or 1: {fix}')
+    return int(value)
+
+
+# ----- features -----
+def fingerprints(smiles, name='molecules'):
+    """Morgan fingerprints (radius 2, 1024 bits) of SMILES strings; unparsable or empty ones
+    are skipped and reported.
+
+    Args:
+        smiles (list of str): n SMILES strings
+        name (str): what they are, for the report of unparsable ones
+
+    Returns:
+        features (np.ndarray): float32 0/1 bits, shape (n_parsed, 1024)
+        kept (np.ndarray): int64 indices into smiles of the parsed ones, shape (n_parsed,)
+    """
+    generator = rdFingerprintGenerator.GetMorganGenerator(radius=MORGAN_RADIUS, fpSize=NUM_BITS)
+    features = np.zeros((len(smiles), NUM_BITS), dtype=np.float32)
+    kept = []
+    with rdBase.BlockLogs():  # RDKit would log every parse error; we report them once, below
+        for i, text in enumerate(tqdm(smiles, desc=name, unit='mol', leave=False)):
+            molecule = Chem.MolFromSmiles(text)
+            if molecule is not None and molecule.GetNumAtoms() > 0:  # '' parses to no atoms
+                features[len(kept)] = generator.GetFingerprintAsNumPy(molecule)
+                kept.append(i)
+    report_unparsed(smiles, kept, name)
+    return features[:len(kept)], np.array(kept, dtype=np.int64)
+
+
+def report_unparsed(smiles, kept, name):
+    """Prints how many SMILES RDKit could not parse, with the first few."""
+    failed = sorted(set(range(len(smiles))) - set(kept))
+    if failed:
+        examples = ', '.join(f'row {i + 1}: {smiles[i]!r}' for i in failed[:NUM_EXAMPLES_SHOWN])
+        print(f'{name}: RDKit could not parse {len(failed)} of {len(smiles)} SMILES; '
+              f'skipped them ({examples})')
+
+
+def build(tables):
+    """{name: {'feature': float32 (n, 1024), 'label': int64 (n,)}} from {name: raw file path}.
+
+    Duplicate rows are kept, as TDC keeps them.
+    """
+    data = {}
+    for name, path in tables.items():
+        smiles, labels = read_table(path)
+        features, kept = fingerprints(smiles, name)
+        data[name] = {'feature': features, 'label': labels[kept]}
+    return data
+
+
+# ----- the cached dict -----
+def load_metabolism(datadir):
+    """{name: {'feature': float32 (n, 1024), 'label': int64 (n,) of 0/1}} for the 8 data sets.
+
+    Loads datadir/metabolism_data_new.pkl if present (the authors' or our cache); otherwise
+    builds it from the raw TDC files (downloading the missing ones) and writes it atomically.
+    """
+    cache = Path(datadir) / CACHE_NAME
+    if cache.exists():
+        return checked(read_pickle(cache), cache)
+    tables = fetch_tables(datadir)
+    start = time.perf_counter()
+    data = build(tables)
+    print(f'Built Morgan fingerprints of {sum(len(d["label"]) for d in data.values())} '
+          f'molecules in {time.perf_counter() - start:.1f} s.')
+    try:
+        write_pickle(data, cache)
+        print(f'Cached them in {cache}.')
+    except OSError as error:  # e.g. a read-only folder of TDC files: still usable, just slower
+        print(f'Could not cache them in {cache} ({error}); every start will build them again '
+              'unless --datadir is writable.')
+    return data
+
+
+def read_pickle(path):
+    """The object pickled in path; a corrupt file is a UserError."""
+    try:
+        with open(path, 'rb') as file:
+            return pickle.load(file)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as error:
+        raise UserError(f'{path} is corrupt or truncated ({error}); delete it and run again to '
+                        'build it from the TDC files') from None
+
+
+def write_pickle(data, path):
+    """Pickles data to a temp file in the same folder, then renames: never a half-written file."""
+    tmp = path.with_name(f'.tmp_{os.getpid()}_{path.name}')  # the pid keeps two builds apart
+    try:
+        with open(tmp, 'wb') as file:
+            pickle.dump(data, file, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def checked(data, path):
+    """The pickle's dict with float32 features and int64 labels, after checking its layout."""
+    fix = f'{path} is not the metabolism pickle; delete it and run again to build it anew'
+    if not isinstance(data, dict):
+        raise UserError(f'{path} holds a {type(data).__name__}, not a dict of data sets: {fix}')
+    missing = [name for name in ALL_SETS if name not in data]
+    if missing:
+        raise UserError(f"{path} lacks the data sets {', '.join(missing)}: {fix}")
+    result = {}
+    for name in ALL_SETS:
+        entry = data[name]
+        if not isinstance(entry, dict) or not {'feature', 'label'} <= set(entry):
+            raise UserError(f"{path}: {name} is not a dict with 'feature' and 'label': {fix}")
+        features, labels = np.asarray(entry['feature']), np.asarray(entry['label'])
+        if features.ndim != 2 or features.shape[1] != NUM_BITS or labels.shape != (len(features),):
+            raise UserError(f'{path}: {name} has features of shape {features.shape} and labels '
+                            f'of shape {labels.shape}, expected (n, {NUM_BITS}) and (n,): {fix}')
+        if not np.isin(labels, (0, 1)).all():
+            raise UserError(f'{path}: {name} has labels other than 0 and 1: {fix}')
+        result[name] = {'feature': features.astype(np.float32, copy=False),
+                        'label': labels.astype(np.int64, copy=False)}
+    return result
+
+
+# ----- sampling tasks -----
+class MetabolismDataset:
+    """Binary tasks of one split, indexed by data set: a task draws distinct molecules per class.
+
+    Args:
+        features (list of torch.Tensor): float32 fingerprints of each data set, shape (n_i, 1024)
+        labels (list of torch.Tensor): int64 0/1 labels of each data set, shape (n_i,)
+        num_support (int): number of support molecules per class
+        num_query (int): number of query molecules per class
+        generator (torch.Generator): draws which molecules a task uses
+    """
+
+    def __init__(self, features, labels, num_support, num_query, generator):
+        self._features = features
+        # Row indices of each data set's class 0 and class 1, on the data's device.
+        self._class_rows = [[torch.nonzero(y == c).squeeze(1) for c in range(NUM_WAY)]
+                            for y in labels]
+        self._num_support = num_support
+        self._num_query = num_query
+        self._generator = generator
+
+    def _rows(self, set_idx):
+        """Rows of one task's molecules, shape (2, num_support + num_query), distinct per class."""
+        num_molecules = self._num_support + self._num_query
+        rows = []
+        for class_rows in self._class_rows[set_idx]:
+            order = torch.randperm(len(class_rows), generator=self._generator)[:num_molecules]
+            rows.append(class_rows[order.to(class_rows.device)])
+        return torch.stack(rows)
+
+    def tasks(self, set_idxs):
+        """Builds one task per entry of set_idxs.
+
+        Args:
+            set_idxs (torch.Tensor): int64 indices into the split's data sets, shape (num_tasks,)
+
+        Returns:
+            list of num_tasks tuples (features_support, labels_support, features_query,
+            labels_query) with shapes (2 * num_support, 1024), (2 * num_support,),
+            (2 * num_query, 1024), (2 * num_query,); class-major order, label = class.
+        """
+        k, q = self._num_support, self._num_query
+        classes = torch.arange(NUM_WAY, device=self._features[0].device)
+        labels_support, labels_query = classes.repeat_interleave(k), classes.repeat_interleave(q)
+        tasks = []
+        for set_idx in set_idxs.tolist():
+            features, rows = self._features[set_idx], self._rows(set_idx)
+            # index_select with flat rows: on the CPU many times faster than 2-D indexing
+            tasks.append((features.index_select(0, rows[:, :k].reshape(-1)), labels_support,
+                          features.index_select(0, rows[:, k:].reshape(-1)), labels_query))
+        return tasks
+
+
+class MetabolismSampler:
+    """Draws the data set of each task uniformly from the split's num_sets data sets."""
+
+    def __init__(self, num_sets, generator):
+        self._num_sets = num_sets
+        self._generator = generator
+
+    def sample(self, num_tasks):
+        """Data set indices of num_tasks tasks, int64 of shape (num_tasks,)."""
+        return torch.randint(self._num_sets, (num_tasks,), generator=self._generator)
+
+
+def check_task_shape(data, names, num_way, num_support, num_query):
+    """Raises UserError for a task shape the split's data sets cannot provide."""
+    if num_way != NUM_WAY:
+        raise UserError(f'--num_way {num_way}: the metabolism data is binary (labels 0 and 1); '
+                        f'use --num_way {NUM_WAY}')
+    check_positive(num_support=num_support, num_query=num_query)
+    for name in names:
+        counts = np.bincount(data[name]['label'], minlength=NUM_WAY)
+        for label, count in enumerate(counts):
+            if count < num_support + num_query:
+                raise UserError(f'{name} has {count} molecules of class {label}, fewer than '
+                                f'num_support + num_query = {num_support + num_query}; '
+                                'lower --num_support or --num_query')
+
+
+def metabolism_task_loader(data, split, batch_size, num_way, num_support, num_query,
+                           num_tasks_per_epoch, seed=0, device='cpu'):
+    """A TaskLoader of num_tasks_per_epoch // batch_size batches of split's tasks, from data.
+
+    data is load_metabolism's dict; loading it once serves every split.
+    """
+    if split not in SPLIT_SETS:
+        raise UserError(f"unknown split '{split}'; use one of {', '.join(SPLIT_SETS)}")
+    names = SPLIT_SETS[split]
+    check_task_shape(data, names, num_way, num_support, num_query)
+    check_positive(batch_size=batch_size)
+    generator = omniglot.split_generator(seed, split)
+    features = [torch.from_numpy(data[name]['feature']).to(device) for name in names]
+    labels = [torch.from_numpy(data[name]['label']).to(device) for name in names]
+    dataset = MetabolismDataset(features, labels, num_support, num_query, generator)
+    sampler = MetabolismSampler(len(names), generator)
+    return omniglot.TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size,
+                               generator)
+
+
+def get_metabolism_dataloader(datadir, split, batch_size, num_way, num_support, num_query,
+                              num_tasks_per_epoch, seed=0, device='cpu'):
+    """Loads (or builds) the data in datadir and returns metabolism_task_loader's TaskLoader."""
+    return metabolism_task_loader(load_metabolism(datadir), split, batch_size, num_way,
+                                  num_support, num_query, num_tasks_per_epoch, seed, device)
+
