@@ -22,7 +22,6 @@ import util
 LOG_INTERVAL = 10
 VAL_INTERVAL = 50
 SAVE_INTERVAL = 100
-NUM_VAL_BATCHES = 4  # validation uses batch_size * 4 tasks
 NUM_TEST_TASKS = 600
 
 
@@ -93,12 +92,12 @@ class MetaLearner:
                 'with --checkpoint_step, or lower the learning rate')
         loss.backward()
         self._optimizer.step()
-        return self._summarize(loss, metrics)
+        return self._summarize(loss.item(), metrics)
 
     def validate(self, dataloader_val):
-        """Mean loss and metrics over NUM_VAL_BATCHES batches of validation tasks."""
+        """Mean loss and metrics over one pass of dataloader_val (fresh tasks every call)."""
         losses, per_task = [], []
-        for _, task_batch in zip(range(NUM_VAL_BATCHES), dataloader_val):
+        for task_batch in dataloader_val:
             loss, metrics = self._evaluate(task_batch, train=False)
             losses.append(loss.item())
             per_task.append(metrics)
@@ -163,3 +162,63 @@ class MetaLearner:
         self._start_train_step = checkpoint_step + 1
         self._loader_states = state.get('loader_states')
         print(f'Loaded checkpoint iteration {checkpoint_step}.')
+
+
+# ----- the command line every script shares -----
+def add_common_args(parser, num_train_iterations):
+    """The assignment's flags that ProtoNet, MAML and the metabolism script all take."""
+    parser.add_argument('--log_dir', type=str, default=None,
+                        help='directory to save to or load from')
+    parser.add_argument('--num_way', type=int, default=5, help='number of classes in a task')
+    parser.add_argument('--num_support', type=int, default=1,
+                        help='number of support examples per class in a task')
+    parser.add_argument('--num_query', type=int, default=15,
+                        help='number of query examples per class in a task')
+    parser.add_argument('--batch_size', type=int, default=16,
+                        help='number of tasks per outer-loop update')
+    parser.add_argument('--num_train_iterations', type=int, default=num_train_iterations,
+                        help='number of outer-loop updates to train for')
+    parser.add_argument('--test', default=False, action='store_true', help='train or test')
+    parser.add_argument('--checkpoint_step', type=int, default=-1,
+                        help=('checkpoint iteration to load for resuming '
+                              'training, or for evaluation (-1 is ignore)'))
+    parser.add_argument('--num_workers', type=int, default=2,
+                        help='accepted for compatibility; tasks are sampled in memory')
+    parser.add_argument('--cache', action='store_true', help='only prepare the data set, then exit')
+    parser.add_argument('--device', type=str, default='cpu',
+                        help="'cpu', or 'gpu' for CUDA (or Apple MPS)")
+    parser.add_argument('--seed', type=int, default=0,
+                        help='same seed, same initial weights and tasks')
+
+
+def check_common_args(args):
+    """One-line errors for flag values no run can use."""
+    util.check_positive(batch_size=args.batch_size,
+                        num_train_iterations=args.num_train_iterations)
+    if args.checkpoint_step < -1:
+        raise util.UserError(f'--checkpoint_step must be -1 (start fresh) or a saved step, '
+                             f'got {args.checkpoint_step}')
+    if args.test and args.checkpoint_step == -1:
+        print('Warning: --test without --checkpoint_step evaluates an untrained model.')
+
+
+def run(args, learner, get_dataloader):
+    """Loads a checkpoint if asked, then trains or tests: the body of every script's main().
+
+    Args:
+        args (argparse.Namespace): the parsed common flags
+        learner (MetaLearner): the model to train or test
+        get_dataloader (callable): (split, batch_size, num_tasks) -> TaskLoader
+    """
+    if args.checkpoint_step > -1:
+        learner.load(args.checkpoint_step)
+    else:
+        print('Checkpoint loading skipped.')
+    if args.test:
+        return learner.test(get_dataloader('test', 1, NUM_TEST_TASKS))
+    num_training_tasks = args.batch_size * (args.num_train_iterations - args.checkpoint_step - 1)
+    dataloader_train = get_dataloader('train', args.batch_size, num_training_tasks)
+    dataloader_val = get_dataloader('val', args.batch_size, args.batch_size * 4)
+    from torch.utils.tensorboard import SummaryWriter  # slow import; training only
+    with SummaryWriter(log_dir=learner._log_dir) as writer:
+        return learner.train(dataloader_train, dataloader_val, writer)

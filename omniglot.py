@@ -1,0 +1,325 @@
+"""Omniglot: download, check, resize and cache the images once; then sample tasks in memory.
+
+The whole data set lives in one uint8 tensor of shape (1623, 20, 28, 28) (strokes = 1), on the
+training device, and a task is one indexing operation: no PNG decoding, no file globbing.
+"""
+import hashlib
+import io
+import os
+import urllib.error
+import urllib.request
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from util import UserError
+
+NUM_TRAIN_CLASSES = 1100
+NUM_VAL_CLASSES = 100
+NUM_TEST_CLASSES = 423
+NUM_SAMPLES_PER_CLASS = 20
+NUM_CLASSES = NUM_TRAIN_CLASSES + NUM_VAL_CLASSES + NUM_TEST_CLASSES
+NUM_ALPHABETS = 50
+IMAGE_SIZE = 28
+
+DATA_DIR = os.environ.get('OMNIGLOT_DIR', os.path.join('data', 'omniglot'))
+CACHE_NAME = 'omniglot28.npy'
+RESIZED_DIR = 'omniglot_resized'  # the course's pre-resized folder, used if a user has it
+OFFICIAL_URL = 'https://github.com/brendenlake/omniglot/raw/master/python'
+# The official archives' md5 sums, as published with the data set (torchvision checks the same).
+OFFICIAL_MD5 = {'images_background.zip': '68d2efa1b9178cc56df9314c21c6e718',
+                'images_evaluation.zip': '6b91aef0f799c5bb55b94e3f2daec811'}
+SPLITS = {'train': 0, 'val': 1, 'test': 2}
+MIRROR_FIX = 'set OMNIGLOT_MIRROR to a folder or file:// URL holding the two official zips'
+
+
+# ----- getting the data -----
+def download(url, path, md5=None, fix=MIRROR_FIX):
+    """Downloads url to path with a progress bar; checks md5 if given; never leaves a partial file.
+
+    fix ends the error message: how the user can supply the file another way.
+    """
+    tmp = path.with_name(path.name + '.part')
+    try:
+        with urllib.request.urlopen(url) as response, open(tmp, 'wb') as out:
+            size = int(response.headers.get('Content-Length') or 0) or None
+            digest = hashlib.md5()
+            with tqdm(total=size, unit='B', unit_scale=True, desc=path.name) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if md5 is not None and digest.hexdigest() != md5:
+            raise UserError(f'{url} has md5 {digest.hexdigest()}, expected {md5}: the download is '
+                            f'corrupt or not the official file; run again, or {fix}')
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError) as error:
+        raise UserError(f'could not download {url} ({error}); check the network, '
+                        f'or {fix}') from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def source_url(variable='OMNIGLOT_MIRROR', official_url=OFFICIAL_URL):
+    """(base URL, is official): official_url, or the mirror named by the environment variable
+    (a folder or a URL)."""
+    mirror = os.environ.get(variable)
+    if not mirror:
+        return official_url, True
+    if '://' not in mirror:
+        mirror = Path(mirror).resolve().as_uri()
+    return mirror.rstrip('/'), False
+
+
+def fetch_zips(data_dir):
+    """Returns the paths of the two zips in data_dir, downloading the missing ones."""
+    base, official = source_url()
+    paths = []
+    for name, md5 in OFFICIAL_MD5.items():
+        path = Path(data_dir) / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A mirror may repack the archives; its content is checked by read_zip instead.
+            download(f'{base}/{name}', path, md5 if official else None)
+        paths.append(path)
+    return paths
+
+
+def to_strokes(image):
+    """A PIL image of black strokes on white -> uint8 array of shape (28, 28), strokes = 1."""
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE))  # mode '1': nearest neighbour, as the course
+    return (np.asarray(image.convert('L')) < 128).astype(np.uint8)
+
+
+def read_zip(path):
+    """Decodes one official zip into {'alphabet/character': [20 arrays (28, 28)]}."""
+    characters = defaultdict(list)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in sorted(archive.namelist()):
+                parts = name.split('/')
+                if not name.endswith('.png') or len(parts) != 4:
+                    continue
+                with Image.open(io.BytesIO(archive.read(name))) as image:
+                    characters['/'.join(parts[1:3])].append(to_strokes(image))
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise UserError(f'{path} is corrupt or truncated ({error}); delete it and run again '
+                        'to download it anew') from None
+    return characters
+
+
+def read_resized_folder(folder):
+    """Reads the course's omniglot_resized/<alphabet>/<character>/*.png folder."""
+    characters = {}
+    for character in sorted(Path(folder).glob('*/*')):
+        if character.is_dir():
+            characters[f'{character.parent.name}/{character.name}'] = [
+                to_strokes(Image.open(png)) for png in sorted(character.glob('*.png'))]
+    return characters
+
+
+def validate(characters, source):
+    """Checks 50 alphabets, 1623 characters, 20 images each; a clear error otherwise."""
+    alphabets = {name.split('/')[0] for name in characters}
+    fix = f'{source} is incomplete or not Omniglot; delete it and run again to fetch it anew'
+    if len(alphabets) != NUM_ALPHABETS:
+        raise UserError(f'found {len(alphabets)} alphabets, expected {NUM_ALPHABETS}: {fix}')
+    if len(characters) != NUM_CLASSES:
+        raise UserError(f'found {len(characters)} characters, expected {NUM_CLASSES}: {fix}')
+    for name, images in characters.items():
+        if len(images) != NUM_SAMPLES_PER_CLASS:
+            raise UserError(f'character {name} has {len(images)} images, '
+                            f'expected {NUM_SAMPLES_PER_CLASS}: {fix}')
+
+
+def prepare(data_dir=DATA_DIR):
+    """Returns all images as a uint8 array (1623, 20, 28, 28), characters sorted by path.
+
+    Loads the cache if present; otherwise reads the course's omniglot_resized folder if the
+    user has one, else the two zips (downloading them), then writes the cache atomically.
+    """
+    cache = Path(data_dir) / CACHE_NAME
+    if cache.exists():
+        images = np.load(cache)
+        if images.shape == (NUM_CLASSES, NUM_SAMPLES_PER_CLASS, IMAGE_SIZE, IMAGE_SIZE):
+            return images
+        raise UserError(f'{cache} holds an array of shape {images.shape}, not Omniglot; '
+                        'delete it and run again')
+    if Path(RESIZED_DIR).is_dir():
+        characters, source = read_resized_folder(RESIZED_DIR), RESIZED_DIR
+    else:
+        paths = fetch_zips(data_dir)
+        characters, source = {}, ' and '.join(str(path) for path in paths)
+        for path in paths:
+            characters.update(read_zip(path))
+    validate(characters, source)
+    images = np.stack([np.stack(characters[name]) for name in sorted(characters)])
+    tmp = cache.with_name('.tmp_' + CACHE_NAME)
+    np.save(tmp, images)
+    os.replace(tmp, cache)
+    return images
+
+
+def split_classes(split):
+    """Indices (into the sorted characters) of a split's classes, shuffled with seed 0."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+    order = np.arange(NUM_CLASSES)
+    np.random.default_rng(0).shuffle(order)
+    bounds = np.cumsum([0, NUM_TRAIN_CLASSES, NUM_VAL_CLASSES, NUM_TEST_CLASSES])
+    return order[bounds[SPLITS[split]]:bounds[SPLITS[split] + 1]]
+
+
+# ----- sampling tasks -----
+def split_generator(seed, split):
+    """An independent CPU generator for each (seed, split): same seed, same tasks, any device."""
+    state = np.random.SeedSequence([seed, SPLITS.get(split, 99)]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class OmniglotDataset:
+    """Omniglot tasks, indexed by a tuple of class indices as in the assignment.
+
+    Args:
+        num_support (int): number of support examples per class
+        num_query (int): number of query examples per class
+        images (torch.Tensor): uint8 images of all classes, shape (1623, 20, 28, 28)
+        generator (torch.Generator): draws which images of each class a task uses
+    """
+
+    def __init__(self, num_support, num_query, images=None, generator=None):
+        self._num_support = num_support
+        self._num_query = num_query
+        self._images = torch.from_numpy(prepare()) if images is None else images
+        self._generator = generator or torch.Generator().manual_seed(0)
+
+    def tasks(self, class_idxs):
+        """Builds one task per row of class_idxs, all in one indexing operation.
+
+        Args:
+            class_idxs (torch.Tensor): int64 class indices, shape (num_tasks, num_way)
+
+        Returns:
+            list of num_tasks tuples (images_support, labels_support, images_query,
+            labels_query) with shapes (num_way * num_support, 1, 28, 28), (num_way * num_support,),
+            (num_way * num_query, 1, 28, 28), (num_way * num_query,); class-major order.
+        """
+        num_tasks, num_way = class_idxs.shape
+        num_images = self._num_support + self._num_query
+        scores = torch.rand(num_tasks, num_way, NUM_SAMPLES_PER_CLASS, generator=self._generator)
+        image_idxs = scores.argsort(dim=-1)[..., :num_images]  # distinct images per class
+        device = self._images.device
+        images = self._images[class_idxs[..., None].to(device), image_idxs.to(device)]
+        images = images.float().unsqueeze(-3)  # (tasks, way, support + query, 1, 28, 28)
+        labels = torch.arange(num_way, device=device)
+
+        def flat(part, shots):
+            return part.reshape(num_tasks, num_way * shots, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+        support = flat(images[:, :, :self._num_support], self._num_support)
+        query = flat(images[:, :, self._num_support:], self._num_query)
+        labels_support = labels.repeat_interleave(self._num_support)
+        labels_query = labels.repeat_interleave(self._num_query)
+        return [(support[i], labels_support, query[i], labels_query) for i in range(num_tasks)]
+
+    def __getitem__(self, class_idxs):
+        return self.tasks(torch.as_tensor([class_idxs]))[0]
+
+
+class OmniglotSampler:
+    """Draws the classes of tasks: num_way distinct classes of one split, uniformly.
+
+    Args:
+        split_idxs (np.ndarray): the split's class indices
+        num_way (int): classes per task
+        num_tasks (int): tasks per epoch, when iterated
+        generator (torch.Generator): the source of randomness
+    """
+
+    def __init__(self, split_idxs, num_way, num_tasks, generator):
+        self._split_idxs = torch.as_tensor(split_idxs)
+        self._num_way = num_way
+        self._num_tasks = num_tasks
+        self._generator = generator
+
+    def sample(self, num_tasks):
+        """Class indices of num_tasks tasks, shape (num_tasks, num_way)."""
+        scores = torch.rand(num_tasks, len(self._split_idxs), generator=self._generator)
+        return self._split_idxs[scores.argsort(dim=-1)[:, :self._num_way]]
+
+    def __iter__(self):
+        return (tuple(row.tolist()) for row in self.sample(self._num_tasks))
+
+    def __len__(self):
+        return self._num_tasks
+
+
+class TaskLoader:
+    """Batches of tasks: a batch is a list of batch_size task tuples.
+
+    Its state (the generator's) goes into checkpoints, so a resumed run draws the same tasks.
+    """
+
+    def __init__(self, dataset, sampler, batch_size, num_batches, generator):
+        self._dataset = dataset
+        self._sampler = sampler
+        self._batch_size = batch_size
+        self._num_batches = num_batches
+        self._generator = generator
+
+    def __iter__(self):
+        for _ in range(self._num_batches):
+            yield self._dataset.tasks(self._sampler.sample(self._batch_size))
+
+    def __len__(self):
+        return self._num_batches
+
+    def state_dict(self):
+        return {'generator': self._generator.get_state()}
+
+    def load_state_dict(self, state):
+        self._generator.set_state(state['generator'].cpu())
+
+
+def check_task_shape(num_way, num_support, num_query, num_classes, split):
+    """Raises UserError for a task shape the data cannot provide."""
+    for name, value in [('num_way', num_way), ('num_support', num_support),
+                        ('num_query', num_query)]:
+        if value < 1:
+            raise UserError(f'--{name} must be at least 1, got {value}')
+    if num_support + num_query > NUM_SAMPLES_PER_CLASS:
+        raise UserError(f'num_support + num_query = {num_support + num_query}, but each class '
+                        f'has only {NUM_SAMPLES_PER_CLASS} images; lower --num_support or --num_query')
+    if num_way > num_classes:
+        raise UserError(f'--num_way {num_way} is more than the {num_classes} classes of the '
+                        f"'{split}' split; lower --num_way")
+
+
+def get_omniglot_dataloader(split, batch_size, num_way, num_support, num_query,
+                            num_tasks_per_epoch, num_workers=2, seed=0, device='cpu'):
+    """Returns a TaskLoader of num_tasks_per_epoch // batch_size batches of split's tasks.
+
+    num_workers is accepted for the assignment's interface; sampling is in-memory indexing,
+    which is faster in the main process than any worker pool.
+    """
+    del num_workers
+    split_idxs = split_classes(split)
+    check_task_shape(num_way, num_support, num_query, len(split_idxs), split)
+    if batch_size < 1:
+        raise UserError(f'--batch_size must be at least 1, got {batch_size}')
+    generator = split_generator(seed, split)
+    images = torch.from_numpy(prepare()).to(device)
+    dataset = OmniglotDataset(num_support, num_query, images, generator)
+    sampler = OmniglotSampler(split_idxs, num_way, num_tasks_per_epoch, generator)
+    return TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size, generator)
+
+
+if __name__ == '__main__':
+    prepare()
+    print(f'Omniglot ready in {DATA_DIR}.')
