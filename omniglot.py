@@ -160,6 +160,7 @@ def prepare(data_dir=DATA_DIR):
             characters.update(read_zip(path))
     validate(characters, source)
     images = np.stack([np.stack(characters[name]) for name in sorted(characters)])
+    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name('.tmp_' + CACHE_NAME)
     np.save(tmp, images)
     os.replace(tmp, cache)

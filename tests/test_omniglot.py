@@ -1,0 +1,194 @@
+"""omniglot.py: download through a mirror, checksums, structure checks, pixels, splits, tasks."""
+import hashlib
+import io
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import omniglot
+from util import UserError
+
+MIRROR = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
+# sha256 of the mirror's zips, from its SOURCES.md.
+MIRROR_SHA256 = {
+    'images_background.zip': '7a4cae547f16207901bd3acaabd866c1dbbef4d559dff26d797dbc6423a64a1e',
+    'images_evaluation.zip': 'd84af890b3ea334eca90f1cb04c6111603a1b620d66b82f86414b8707fbd0e8d'}
+
+
+@pytest.fixture(scope='module')
+def images():
+    return omniglot.prepare()
+
+
+@pytest.fixture(scope='module')
+def character_names():
+    """'alphabet/character' of every class, in the order of the cache (sorted paths)."""
+    names = set()
+    for name in omniglot.OFFICIAL_MD5:
+        with zipfile.ZipFile(MIRROR / name) as archive:
+            names |= {'/'.join(n.split('/')[1:3]) for n in archive.namelist() if n.endswith('.png')}
+    return sorted(names)
+
+
+def test_download_through_file_mirror_gives_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv('OMNIGLOT_MIRROR', MIRROR.as_uri())
+    paths = omniglot.fetch_zips(tmp_path)
+    for path in paths:
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == MIRROR_SHA256[path.name]
+    assert sorted(os.listdir(tmp_path)) == sorted(MIRROR_SHA256)  # no leftover .part files
+
+
+def test_a_plain_folder_works_as_mirror_too(monkeypatch):
+    monkeypatch.setenv('OMNIGLOT_MIRROR', str(MIRROR))
+    assert omniglot.source_url() == (MIRROR.as_uri(), False)
+    monkeypatch.delenv('OMNIGLOT_MIRROR')
+    assert omniglot.source_url() == (omniglot.OFFICIAL_URL, True)
+
+
+def test_checksum_mismatch_is_an_error_and_leaves_no_file(tmp_path):
+    url = (MIRROR / 'images_evaluation.zip').as_uri()
+    target = tmp_path / 'images_evaluation.zip'
+    with pytest.raises(UserError, match='md5'):
+        omniglot.download(url, target, md5='0' * 32)
+    assert list(tmp_path.iterdir()) == []
+    digest = hashlib.md5((MIRROR / 'images_evaluation.zip').read_bytes()).hexdigest()
+    omniglot.download(url, target, md5=digest)
+    assert target.read_bytes() == (MIRROR / 'images_evaluation.zip').read_bytes()
+
+
+def test_unreachable_source_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv('OMNIGLOT_MIRROR', str(tmp_path / 'nowhere'))
+    with pytest.raises(UserError, match='could not download.*OMNIGLOT_MIRROR'):
+        omniglot.prepare(tmp_path / 'data')
+
+
+def test_truncated_zip_is_a_clear_error(tmp_path):
+    for name in omniglot.OFFICIAL_MD5:
+        data = (MIRROR / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match='corrupt or truncated'):
+        omniglot.prepare(tmp_path)
+
+
+def fake_characters(num_alphabets=50, num_characters=1623, num_images=20):
+    blank = np.zeros((28, 28), np.uint8)
+    return {f'alphabet{i % num_alphabets:02d}/character{i:04d}': [blank] * num_images
+            for i in range(num_characters)}
+
+
+def test_structure_validation_names_what_is_wrong():
+    omniglot.validate(fake_characters(), 'src')
+    with pytest.raises(UserError, match='found 49 alphabets, expected 50'):
+        omniglot.validate(fake_characters(num_alphabets=49), 'src')
+    with pytest.raises(UserError, match='found 1622 characters, expected 1623'):
+        omniglot.validate(fake_characters(num_characters=1622), 'src')
+    characters = fake_characters()
+    characters['alphabet07/character0007'] = characters['alphabet07/character0007'][:19]
+    with pytest.raises(UserError, match='alphabet07/character0007 has 19 images, expected 20'):
+        omniglot.validate(characters, 'src')
+
+
+def test_cache_shape_and_fast_second_start(images):
+    assert images.shape == (1623, 20, 28, 28) and images.dtype == np.uint8
+    assert set(np.unique(images)) == {0, 1}
+    start = time.perf_counter()
+    omniglot.prepare()
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize('zip_name, member', [
+    ('images_background.zip', 'images_background/Alphabet_of_the_Magi/character01/0709_01.png'),
+    ('images_background.zip', 'images_background/Korean/character40/0682_07.png'),
+    ('images_evaluation.zip', 'images_evaluation/Tengwar/character25/1555_20.png')])
+def test_pixels_equal_the_original_resized(images, character_names, zip_name, member):
+    with zipfile.ZipFile(MIRROR / zip_name) as archive:
+        original = Image.open(io.BytesIO(archive.read(member)))
+        folder = member.rsplit('/', 1)[0] + '/'
+        names = sorted(n for n in archive.namelist() if n.startswith(folder) and n != folder)
+    assert original.size == (105, 105) and original.mode == '1'
+    # Course loader: 1 - pixel / 255 of the image resized with Pillow's default (nearest for '1').
+    expected = 1 - np.asarray(original.resize((28, 28)).convert('L'), np.float32) / 255
+    character = character_names.index('/'.join(member.split('/')[1:3]))
+    np.testing.assert_array_equal(images[character, names.index(member)], expected)
+
+
+def test_splits_are_disjoint_fixed_and_follow_the_sorted_shuffle(character_names):
+    splits = {split: omniglot.split_classes(split) for split in omniglot.SPLITS}
+    assert [len(s) for s in splits.values()] == [1100, 100, 423]
+    assert sorted(np.concatenate(list(splits.values()))) == list(range(1623))
+    shuffled = list(character_names)
+    np.random.default_rng(0).shuffle(shuffled)
+    assert [character_names[i] for i in splits['val']] == shuffled[1100:1200]
+    with pytest.raises(UserError, match="unknown split 'dev'"):
+        omniglot.split_classes('dev')
+
+
+def test_tasks_have_the_documented_shapes_and_class_major_labels(images):
+    loader = omniglot.get_omniglot_dataloader('val', 3, 4, 2, 5, 7)
+    assert len(loader) == 2  # num_tasks_per_epoch // batch_size
+    batch = next(iter(loader))
+    assert len(batch) == 3
+    val_classes = set(omniglot.split_classes('val').tolist())
+    flat = images.reshape(1623, 20, 784).astype(np.float32)
+    for images_support, labels_support, images_query, labels_query in batch:
+        assert images_support.shape == (8, 1, 28, 28) and images_support.dtype == torch.float32
+        assert images_query.shape == (20, 1, 28, 28)
+        assert labels_support.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+        assert labels_query.tolist() == [c for c in range(4) for _ in range(5)]
+        # Each class's 7 images are images of one validation character, none drawn twice.
+        for c in range(4):
+            task_images = torch.cat([images_support[labels_support == c],
+                                     images_query[labels_query == c]]).flatten(1).numpy()
+            found = [np.argwhere((flat == image).all(-1)) for image in task_images]
+            characters = set.intersection(*({k for k, _ in f} for f in found))
+            assert characters and characters <= val_classes
+            character = characters.pop()
+            draws = {j for f in found for k, j in f if k == character}
+            assert len(draws) >= 7
+
+
+def test_same_seed_same_tasks_other_seed_other_tasks():
+    def first_batch(seed):
+        return next(iter(omniglot.get_omniglot_dataloader('train', 2, 5, 1, 3, 2, seed=seed)))
+
+    a, b, c = first_batch(0), first_batch(0), first_batch(1)
+    assert all(torch.equal(x, y) for ta, tb in zip(a, b) for x, y in zip(ta, tb))
+    assert not torch.equal(a[0][0], c[0][0])
+
+
+def test_loader_state_restores_the_task_stream():
+    loader = omniglot.get_omniglot_dataloader('train', 2, 5, 1, 3, 20)
+    stream = iter(loader)
+    next(stream)
+    state = loader.state_dict()
+    expected = next(stream)
+    loader.load_state_dict(state)
+    again = next(iter(loader))
+    assert all(torch.equal(x, y) for tx, ty in zip(expected, again) for x, y in zip(tx, ty))
+
+
+@pytest.mark.parametrize('sizes, message', [
+    ((5, 10, 11), 'num_support \\+ num_query = 21'),
+    ((1101, 1, 1), 'more than the 1100 classes'),
+    ((5, 0, 1), '--num_support must be at least 1'),
+    ((5, 1, 0), '--num_query must be at least 1')])
+def test_impossible_task_shapes_are_clear_errors(sizes, message):
+    with pytest.raises(UserError, match=message):
+        omniglot.get_omniglot_dataloader('train', 2, *sizes, 4)
+
+
+def test_course_resized_folder_is_accepted(images, character_names, tmp_path, monkeypatch):
+    for name, character in zip(character_names, images):
+        folder = tmp_path / 'omniglot_resized' / name
+        folder.mkdir(parents=True)
+        for j, image in enumerate(character):  # the course's files: black strokes on white
+            Image.fromarray(((1 - image) * 255).astype(np.uint8)).convert('1').save(
+                folder / f'{j:02d}.png')
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(omniglot.prepare(tmp_path / 'data'), images)
