@@ -151,7 +151,8 @@ class MetaLearner:
         try:
             state = torch.load(path, map_location=self._device, weights_only=True)
         except Exception as error:
-            raise util.UserError(f'checkpoint {path} is corrupt or unreadable ({error}); '
+            raise util.UserError(f'checkpoint {path} is corrupt or unreadable '
+                                 f'({type(error).__name__}); '
                                  'pick another --checkpoint_step') from None
         if not isinstance(state, dict) or state.get('architecture') != self.architecture:
             found = state.get('architecture') if isinstance(state, dict) else type(state).__name__

@@ -1,0 +1,108 @@
+"""protonet.py: the step against hand computations and a plain implementation, real training."""
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import grader
+import protonet
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Identity(nn.Module):
+    """A 'network' whose latents are its inputs: makes the step computable by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))  # Adam needs a parameter
+
+    def forward(self, x):
+        return x + 0 * self.unused
+
+
+def test_step_equals_a_hand_computation(tmp_path):
+    # 2-way, 2-shot, 1-d latents: prototypes are 1 and 10.
+    support = torch.tensor([[0.], [2.], [9.], [11.]])
+    query = torch.tensor([[4.], [8.]])
+    task = (support, torch.tensor([0, 0, 1, 1]), query, torch.tensor([0, 0]))
+    model = protonet.ProtoNet(0.001, str(tmp_path), 'cpu', learner=Identity())
+    loss, accuracy_support, accuracy_query = model._step([task])
+    # query 4: distances 9 and 36; query 8: distances 49 and 4 (wrongly closer to class 1).
+    expected_loss = (math.log(1 + math.exp(-27)) + math.log(1 + math.exp(45))) / 2
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
+    assert accuracy_support == 1.0 and accuracy_query == 0.5
+
+
+def test_task_batch_norm_equals_batch_norm_per_task():
+    torch.manual_seed(0)
+    norm = protonet.TaskBatchNorm(3)
+    norm.weight.data.uniform_(0.5, 2)
+    norm.bias.data.normal_()
+    x = torch.randn(4, 6, 3, 5, 5) * 3 + 1
+    plain = nn.BatchNorm2d(3).train()
+    plain.load_state_dict({'weight': norm.weight, 'bias': norm.bias}, strict=False)
+    expected = torch.stack([plain(task) for task in x])
+    torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_and_gradients_equal_a_plain_per_task_implementation():
+    # float64 throughout, so that only a real difference can exceed the tolerance.
+    torch.manual_seed(1)
+    model = protonet.ProtoNet(0.001, 'unused', 'cpu')
+    model._network.double()
+    task_batch = [tuple(t.double() if t.is_floating_point() else t for t in task) for task in
+                  grader.omniglot_batch(batch_size=3, num_way=5, num_support=2, num_query=4, seed=3)]
+    plain = grader.plain_protonet_network(model._network).double()
+    loss, _, _ = model._step(task_batch)
+    expected, _, _ = grader.reference_protonet_step(plain, task_batch)
+    loss.backward()
+    expected.backward()
+    # Parameters in the same order: conv0 weight, bias, norm0 weight, bias, conv1 ...
+    ours = [p.grad for conv, norm in zip(model._network.convs, model._network.norms)
+            for p in (conv.weight, conv.bias, norm.weight, norm.bias)]
+    theirs = [p.grad for p in plain.parameters()]
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def run_script(*args, check=True):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path):
+    log_dir = tmp_path / 'run'
+    output = run_script('protonet.py', '--num_support', '5', '--num_train_iterations', '51',
+                        '--log_dir', str(log_dir)).stdout
+    validation = [float(v) for v in re.findall(r'Validation: .*query accuracy: ([\d.]+)', output)]
+    assert len(validation) == 2 and validation[0] < 0.9 and validation[1] >= 0.95, output
+    assert re.search(r'^Iteration 50: loss: \d\.\d{3}, support accuracy: \d\.\d{3}, '
+                     r'query accuracy: \d\.\d{3}$', output, re.M)
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert set(events.Tags()['scalars']) == {
+        'loss/train', 'train_accuracy/support', 'train_accuracy/query',
+        'loss/val', 'val_accuracy/support', 'val_accuracy/query'}
+    assert [e.step for e in events.Scalars('loss/val')] == [0, 50]
+
+    state = torch.load(log_dir / 'state0.pt', weights_only=True)
+    assert {'network_state_dict', 'optimizer_state_dict'} <= set(state)
+    assert sorted(p.name for p in log_dir.glob('*.pt')) == ['state0.pt']  # no temp files left
+
+    output = run_script('protonet.py', '--test', '--log_dir', str(log_dir),
+                        '--checkpoint_step', '0', '--num_support', '2', '--num_query', '10').stdout
+    assert 'Loaded checkpoint iteration 0.' in output
+    match = re.search(r'^Accuracy over 600 test tasks: mean (\d\.\d{3}), '
+                      r'95% confidence interval (\d\.\d{3})$', output, re.M)
+    assert match and 0.2 < float(match[1]) <= 1 and 0 < float(match[2]) < 0.05, output

@@ -1,0 +1,158 @@
+"""training.py and util.py through ProtoNet: resume, intervals, NaN stop, atomic saves, errors."""
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import omniglot
+import protonet
+import training
+import util
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(*flags):
+    parser = argparse.ArgumentParser()
+    protonet.add_protonet_args(parser, num_train_iterations=5000)
+    return parser.parse_args(list(flags))
+
+
+def train_protonet(log_dir, num_iterations, checkpoint_step=-1):
+    """Trains a tiny ProtoNet in-process, checkpointing every 2 steps; returns the learner."""
+    args = parse('--num_way', '3', '--num_query', '2', '--batch_size', '2', '--log_dir', log_dir,
+                 '--num_train_iterations', str(num_iterations),
+                 '--checkpoint_step', str(checkpoint_step))
+    util.seed_everything(args.seed)
+    model = protonet.ProtoNet(args.learning_rate, log_dir, 'cpu', val_interval=2, save_interval=2)
+
+    def get_dataloader(split, batch_size, num_tasks):
+        return omniglot.get_omniglot_dataloader(split, batch_size, 3, 1, 2, num_tasks)
+
+    training.run(args, model, get_dataloader)
+    return model
+
+
+def test_resuming_gives_the_same_parameters_as_training_straight(tmp_path):
+    straight = train_protonet(str(tmp_path / 'a'), 6)
+    train_protonet(str(tmp_path / 'b'), 3)  # saves state0 and state2
+    resumed = train_protonet(str(tmp_path / 'b'), 6, checkpoint_step=2)
+    for (name, a), b in zip(straight._network.state_dict().items(),
+                            resumed._network.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    saved = torch.load(tmp_path / 'b' / 'state2.pt', weights_only=True)['network_state_dict']
+    assert not torch.equal(saved['convs.0.weight'], resumed._network.convs[0].weight)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    evaluate = protonet.ProtoNet._evaluate
+    calls = []
+
+    def poisoned(self, task_batch, train):
+        loss, metrics = evaluate(self, task_batch, train)
+        calls.append(train)
+        return (loss * float('nan') if calls.count(True) == 4 else loss), metrics
+
+    monkeypatch.setattr(protonet.ProtoNet, '_evaluate', poisoned)
+    with pytest.raises(util.UserError, match='loss became nan at iteration 3'):
+        train_protonet(str(tmp_path), 10)
+    assert sorted(os.listdir(tmp_path))[-2:] == ['state0.pt', 'state2.pt']
+    state = torch.load(tmp_path / 'state2.pt', weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state['network_state_dict'].values())
+
+
+def test_a_failed_save_keeps_the_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / 'state0.pt'
+    util.atomic_save({'x': torch.ones(3)}, path)
+
+    def crash(obj, f):
+        f.write(b'half a checkpoint')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(KeyboardInterrupt):
+        util.atomic_save({'x': torch.zeros(3)}, path)
+    assert os.listdir(tmp_path) == ['state0.pt']
+    assert torch.equal(torch.load(path, weights_only=True)['x'], torch.ones(3))
+
+
+class FixedAccuracies(training.MetaLearner):
+    """A learner whose per-task query accuracies are given: checks test()'s arithmetic."""
+    TEST_METRIC = 'query'
+
+    def __init__(self, accuracies):
+        super().__init__('unused', 'cpu')
+        self._accuracies = iter(accuracies)
+
+    def _evaluate(self, task_batch, train):
+        return torch.tensor(0.), {'query': np.array([next(self._accuracies)])}
+
+
+def test_test_prints_the_mean_and_the_course_interval(capsys):
+    accuracies = [0.5, 1.0, 0.75, 1.0]
+    # mean 0.8125; population std sqrt(0.171875 / 4) = 0.207289; 1.96 * 0.207289 / 2
+    mean, ci95 = FixedAccuracies(accuracies).test([None] * 4)
+    assert mean == pytest.approx(0.8125) and ci95 == pytest.approx(0.2031433, abs=1e-6)
+    assert capsys.readouterr().out == (
+        'Accuracy over 4 test tasks: mean 0.812, 95% confidence interval 0.203\n')
+
+
+def cli_error(capsys, *flags):
+    """Runs protonet's main through util.cli; returns its one-line error (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        util.cli(lambda: protonet.main(parse(*flags)))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1, err
+    return err
+
+
+@pytest.mark.parametrize('flags, message', [
+    (('--num_support', '10', '--num_query', '11'), 'num_support \\+ num_query = 21'),
+    (('--num_way', '1101'), 'more than the 1100 classes'),
+    (('--test', '--num_way', '424'), "more than the 423 classes of the 'test' split"),
+    (('--num_query', '0'), '--num_query must be at least 1'),
+    (('--num_support', '-1'), '--num_support must be at least 1'),
+    (('--batch_size', '0'), '--batch_size must be positive'),
+    (('--num_train_iterations', '0'), '--num_train_iterations must be positive'),
+    (('--learning_rate', '0'), '--learning_rate must be positive'),
+    (('--device', 'tpu'), "unknown device 'tpu'"),
+])
+def test_bad_flags_are_one_line_errors(capsys, tmp_path, flags, message):
+    assert message.replace('\\', '') in cli_error(capsys, '--log_dir', str(tmp_path), *flags)
+
+
+def test_missing_and_corrupt_checkpoints_are_one_line_errors(capsys, tmp_path):
+    err = cli_error(capsys, '--log_dir', str(tmp_path), '--checkpoint_step', '7')
+    assert f'no checkpoint at {tmp_path / "state7.pt"}' in err
+    (tmp_path / 'state8.pt').write_bytes(b'not a checkpoint')
+    err = cli_error(capsys, '--log_dir', str(tmp_path), '--checkpoint_step', '8')
+    assert 'state8.pt is corrupt or unreadable' in err
+    torch.save({'architecture': 'maml/5-way'}, tmp_path / 'state9.pt')
+    err = cli_error(capsys, '--log_dir', str(tmp_path), '--checkpoint_step', '9')
+    assert 'holds a maml/5-way model' in err
+
+
+@pytest.mark.parametrize('setup, message', [
+    ('missing', 'could not download'),
+    ('truncated', 'corrupt or truncated'),
+])
+def test_data_problems_exit_2_with_one_line_and_no_traceback(tmp_path, setup, message):
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    if setup == 'truncated':
+        mirror = Path(os.environ['OMNIGLOT_MIRROR'].removeprefix('file://'))
+        for name in omniglot.OFFICIAL_MD5:
+            (data_dir / name).write_bytes((mirror / name).read_bytes()[:100000])
+    env = dict(os.environ, OMNIGLOT_DIR=str(data_dir), OMNIGLOT_MIRROR=str(tmp_path / 'none'))
+    result = subprocess.run([sys.executable, 'protonet.py', '--cache'], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert 'Traceback' not in result.stderr
+    assert result.stderr.startswith('error: ') and message in result.stderr
+    assert result.stderr.strip().count('\n') == 0
