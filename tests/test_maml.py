@@ -1,0 +1,320 @@
+"""maml.py: meta-gradients against independent computations, first order, graphs, resuming,
+user errors.
+
+Gradient checks run in float64 on tiny random tasks (3-way, 2 images per class, 7x7 pixels: the
+network averages over positions, so any image size works) against torch.func (nested `grad` over
+a plain nn.Sequential through `functional_call`) and central finite differences; the rest uses
+real Omniglot tasks.
+"""
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad
+
+import maml
+import omniglot
+import protonet
+import training
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ['conv0', 'b0', 'conv1', 'b1', 'conv2', 'b2', 'conv3', 'b3', 'w4', 'b4']
+NUM_WAY = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread is faster, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----- an independent MAML: torch.func over a plain nn.Sequential -----
+def reference_network(num_outputs):
+    layers = []
+    for i in range(4):
+        layers += [nn.Conv2d(1 if i == 0 else 32, 32, 3, padding=1),
+                   nn.BatchNorm2d(32, affine=False, track_running_stats=False), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, num_outputs)).double()
+
+
+NETWORK = reference_network(NUM_WAY)
+MODULE_NAMES = dict(zip(KEYS, ['0.weight', '0.bias', '3.weight', '3.bias', '6.weight', '6.bias',
+                               '9.weight', '9.bias', '14.weight', '14.bias']))
+
+
+def reference_loss(parameters, images, labels):
+    logits = functional_call(NETWORK, {MODULE_NAMES[k]: v for k, v in parameters.items()},
+                             (images,))
+    return F.cross_entropy(logits, labels)
+
+
+def reference_adapt(parameters, lrs, images, labels, num_steps):
+    """Returns the adapted parameters and the list of the inner steps' gradients."""
+    steps = []
+    for _ in range(num_steps):
+        gradients = grad(reference_loss)(parameters, images, labels)
+        steps.append(gradients)
+        parameters = {k: parameters[k] - lrs[k] * gradients[k] for k in parameters}
+    return parameters, steps
+
+
+def reference_objective(parameters, lrs, tasks, num_steps):
+    """Mean query loss after adaptation: J(theta, alpha) of the handout."""
+    losses = [reference_loss(reference_adapt(parameters, lrs, xs, ys, num_steps)[0], xq, yq)
+              for xs, ys, xq, yq in tasks]
+    return sum(losses) / len(tasks)
+
+
+# ----- helpers -----
+def tiny_tasks(num_tasks=2, shots=2, size=7, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(NUM_WAY).repeat_interleave(shots)
+
+    def images():
+        return torch.randn(NUM_WAY * shots, 1, size, size, generator=generator,
+                           dtype=torch.float64)
+    return [(images(), labels, images(), labels) for _ in range(num_tasks)]
+
+
+def float64_model(tmp_path, num_inner_steps, learn_inner_lrs=True, first_order=False):
+    """A MAML in float64 with a different inner learning rate per parameter (catches mix-ups)."""
+    torch.manual_seed(0)
+    model = maml.MAML(NUM_WAY, num_inner_steps, 0.4, learn_inner_lrs, 0.001, str(tmp_path), 'cpu',
+                      first_order=first_order)
+    model._meta_parameters = {k: v.detach().double().requires_grad_()
+                              for k, v in model._meta_parameters.items()}
+    model._inner_lrs = {k: torch.tensor(0.1 + 0.03 * i, dtype=torch.float64,
+                                        requires_grad=learn_inner_lrs)
+                        for i, k in enumerate(KEYS)}
+    return model
+
+
+def values(model):
+    return ({k: v.detach() for k, v in model._meta_parameters.items()},
+            {k: v.detach() for k, v in model._inner_lrs.items()})
+
+
+def meta_gradient(model, tasks):
+    loss, _, _ = model._outer_step(tasks, train=True)
+    loss.backward()
+    return ({k: v.grad for k, v in model._meta_parameters.items()},
+            {k: v.grad for k, v in model._inner_lrs.items()})
+
+
+def assert_dicts_close(actual, expected, **tolerances):
+    assert list(actual) == list(expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], **tolerances,
+                                   msg=lambda m: f'{key}: {m}')
+
+
+# ----- the meta-gradient -----
+@pytest.mark.parametrize('num_inner_steps', [1, 3])
+def test_second_order_meta_gradient_equals_torch_func(tmp_path, num_inner_steps):
+    model = float64_model(tmp_path, num_inner_steps)
+    tasks = tiny_tasks()
+    parameters, lrs = values(model)
+    expected = grad(reference_objective, argnums=(0, 1))(parameters, lrs, tasks, num_inner_steps)
+    got = meta_gradient(model, tasks)
+    assert_dicts_close(got[0], expected[0], rtol=1e-9, atol=1e-12)
+    assert_dicts_close(got[1], expected[1], rtol=1e-9, atol=1e-12)  # learned inner lrs
+    assert all(g.abs().sum() > 0 for g in got[1].values())
+
+
+@pytest.mark.parametrize('num_inner_steps', [1, 3])
+def test_second_order_meta_gradient_equals_finite_differences(tmp_path, num_inner_steps):
+    """Directional derivative of the model's own objective along a random direction."""
+    model = float64_model(tmp_path, num_inner_steps)
+    tasks = tiny_tasks(seed=1)
+    gradients = meta_gradient(model, tasks)
+    tensors = list(model._meta_parameters.values()) + list(model._inner_lrs.values())
+    grads = list(gradients[0].values()) + list(gradients[1].values())
+    generator = torch.Generator().manual_seed(0)
+    directions = [torch.randn(t.shape, generator=generator, dtype=torch.float64)
+                  for t in tensors]
+    norm = torch.cat([d.flatten() for d in directions]).norm()
+    directions = [d / norm for d in directions]
+    # A step of 1e-7 (the direction has norm 1): the objective is only piecewise smooth, since
+    # the inner gradient jumps where a ReLU input crosses 0, and larger steps cross such kinks.
+    epsilon = 1e-7
+
+    def objective(sign):
+        with torch.no_grad():
+            for t, d in zip(tensors, directions):
+                t.add_(sign * epsilon * d)
+            loss = model._outer_step(tasks, train=False)[0].item()
+            for t, d in zip(tensors, directions):
+                t.sub_(sign * epsilon * d)
+        return loss
+
+    numeric = (objective(1) - objective(-1)) / (2 * epsilon)
+    analytic = sum((g * d).sum() for g, d in zip(grads, directions)).item()
+    assert abs(numeric - analytic) <= 1e-5 * abs(analytic), (numeric, analytic)
+
+
+@pytest.mark.parametrize('num_inner_steps', [1, 3])
+def test_first_order_meta_gradient(tmp_path, num_inner_steps):
+    """Weights: the query-loss gradient at the adapted parameters. Inner lrs: the gradient
+    through phi = theta - sum_k alpha * g_k with the g_k constant, i.e. -sum_k <g_k, dL/dphi>."""
+    tasks = tiny_tasks(seed=2)
+    model = float64_model(tmp_path, num_inner_steps, first_order=True)
+    parameters, lrs = values(model)
+    expected_weights = {k: torch.zeros_like(v) for k, v in parameters.items()}
+    expected_lrs = {k: torch.zeros_like(v) for k, v in lrs.items()}
+    for xs, ys, xq, yq in tasks:
+        adapted, steps = reference_adapt(parameters, lrs, xs, ys, num_inner_steps)
+        query_gradient = grad(reference_loss)(adapted, xq, yq)
+        for k in KEYS:
+            expected_weights[k] += query_gradient[k] / len(tasks)
+            expected_lrs[k] -= sum((g[k] * query_gradient[k]).sum() for g in steps) / len(tasks)
+    got = meta_gradient(model, tasks)
+    assert_dicts_close(got[0], expected_weights, rtol=1e-9, atol=1e-12)
+    assert_dicts_close(got[1], expected_lrs, rtol=1e-9, atol=1e-12)
+
+    second_order = meta_gradient(float64_model(tmp_path, num_inner_steps), tasks)
+    for k in KEYS:
+        difference = (second_order[0][k] - got[0][k]).norm() / second_order[0][k].norm()
+        assert difference > 1e-3, f'first- and second-order gradients of {k} agree'
+
+
+# ----- graphs -----
+def test_inner_loop_graphs(tmp_path):
+    images, labels, _, _ = tiny_tasks(num_tasks=1)[0]
+    for first_order in (False, True):
+        model = float64_model(tmp_path, 2, first_order=first_order)
+        parameters, accuracies, gradients = model._inner_loop(images, labels, train=False)
+        assert len(accuracies) == 3
+        assert not any(t.requires_grad or t.grad_fn for t in parameters.values())
+        assert not any(t.requires_grad or t.grad_fn for t in gradients.values())
+        assert model._outer_step(tiny_tasks(), train=False)[0].grad_fn is None
+
+        parameters, _, gradients = model._inner_loop(images, labels, train=True)
+        assert all(t.requires_grad for t in parameters.values())
+        # second order: the inner gradients are part of the graph; first order: constants
+        assert all(t.requires_grad != first_order for t in gradients.values())
+
+    # evaluation works inside torch.no_grad() too (the inner loop needs gradients)
+    with torch.no_grad():
+        _, accuracies, gradients = model._inner_loop(images, labels, train=False)
+    assert len(gradients) == len(KEYS)
+
+
+def test_zero_inner_steps_is_the_unadapted_network(tmp_path):
+    images, labels, _, _ = tiny_tasks(num_tasks=1)[0]
+    model = float64_model(tmp_path, 0)
+    parameters, accuracies, gradients = model._inner_loop(images, labels, train=False)
+    assert len(accuracies) == 1 and gradients == {}
+    assert_dicts_close(parameters, values(model)[0], rtol=0, atol=0)
+
+
+# ----- resuming -----
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    maml.add_maml_args(parser, num_train_iterations=15000)
+    return parser.parse_args(argv)
+
+
+def train(log_dir, num_iterations, checkpoint_step, save_interval):
+    """Trains a tiny MAML through training.run, as maml.main does; returns it."""
+    args = parse(['--log_dir', str(log_dir), '--num_way', '3', '--num_support', '1',
+                  '--num_query', '2', '--batch_size', '2', '--learn_inner_lrs',
+                  '--num_train_iterations', str(num_iterations),
+                  '--checkpoint_step', str(checkpoint_step)])
+    torch.manual_seed(args.seed)
+    model = maml.MAML(args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs,
+                      0.01, str(log_dir), 'cpu', save_interval=save_interval)
+
+    def get_dataloader(split, batch_size, num_tasks):
+        return omniglot.get_omniglot_dataloader(split, batch_size, args.num_way,
+                                                args.num_support, args.num_query, num_tasks,
+                                                seed=args.seed)
+    training.run(args, model, get_dataloader)
+    return model
+
+
+def test_resume_continues_training_exactly(tmp_path):
+    straight = train(tmp_path, num_iterations=6, checkpoint_step=-1, save_interval=3)
+    assert (tmp_path / 'state3.pt').is_file()
+    checkpoint = torch.load(tmp_path / 'state3.pt', weights_only=True)
+    assert {'meta_parameters', 'inner_lrs', 'optimizer_state_dict'} <= set(checkpoint)
+
+    resumed = train(tmp_path, num_iterations=6, checkpoint_step=3, save_interval=100)
+    held = resumed._optimizer.param_groups[0]['params']
+    assert all(a is b for a, b in zip(held, [*resumed._meta_parameters.values(),
+                                             *resumed._inner_lrs.values()]))
+    for name in ('meta_parameters', 'inner_lrs'):
+        final = getattr(resumed, '_' + name)
+        assert_dicts_close({k: v.detach() for k, v in final.items()},
+                           {k: v.detach() for k, v in getattr(straight, '_' + name).items()},
+                           rtol=0, atol=1e-6)
+        # the original assignment's bug: after loading, the parameters no longer moved
+        moved = [k for k in final if not torch.equal(final[k].detach(), checkpoint[name][k])]
+        assert moved == list(final), f'{name} that did not change after resuming: ' \
+                                     f'{sorted(set(final) - set(moved))}'
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path)).Reload()
+    tags = set(events.Tags()['scalars'])
+    assert {'loss/train', 'train_accuracy/pre_adapt_support', 'train_accuracy/post_adapt_query',
+            'loss/val', 'val_accuracy/post_adapt_support', 'inner_lrs/conv0',
+            'inner_lrs/b4'} <= tags, tags
+
+
+def test_checkpoint_loads_with_other_inner_steps_and_shots(tmp_path):
+    torch.manual_seed(0)
+    trained = maml.MAML(NUM_WAY, 1, 0.4, True, 0.001, str(tmp_path), 'cpu')
+    with torch.no_grad():
+        trained._inner_lrs['w4'].fill_(0.7)
+    trained._save(0)
+    torch.manual_seed(1)
+    tested = maml.MAML(NUM_WAY, 5, 0.4, False, 0.001, str(tmp_path), 'cpu')
+    tested.load(0)
+    assert tested._inner_lrs['w4'].item() == pytest.approx(0.7)
+    assert_dicts_close(values(tested)[0], values(trained)[0], rtol=0, atol=0)
+
+
+def test_default_log_dir():
+    args = parse([])
+    assert maml.default_log_dir(args) == (
+        './logs/maml/omniglot.way_5.support_1.query_15.inner_steps_1.inner_lr_0.4'
+        '.learn_inner_lrs_False.outer_lr_0.001.batch_size_16')
+    args = parse(['--first_order', '--learn_inner_lrs', '--num_inner_steps', '5'])
+    assert maml.default_log_dir(args) == (
+        './logs/maml/omniglot.way_5.support_1.query_15.inner_steps_5.inner_lr_0.4'
+        '.learn_inner_lrs_True.outer_lr_0.001.batch_size_16.first_order_True')
+
+
+# ----- user errors through the command line -----
+def test_bad_input_is_one_line_and_status_2(tmp_path):
+    protonet.ProtoNet(0.001, str(tmp_path / 'first'), 'cpu')._save(0)
+    maml.MAML(3, 1, 0.4, False, 0.001, str(tmp_path / 'second'), 'cpu')._save(0)
+    cases = {
+        'num_inner_steps': ['--num_inner_steps', '-1'],
+        'inner_lr': ['--inner_lr', '0'],
+        'outer_lr': ['--outer_lr', '-1'],
+        'protonet': ['--log_dir', str(tmp_path / 'first'), '--checkpoint_step', '0', '--test'],
+        '3-way': ['--log_dir', str(tmp_path / 'second'), '--checkpoint_step', '0',
+                          '--test'],
+    }
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    processes = {expected: subprocess.Popen([sys.executable, 'maml.py', *argv], cwd=ROOT, env=env,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True)
+                 for expected, argv in cases.items()}
+    for expected, process in processes.items():
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 2, (expected, process.returncode, stderr)
+        assert 'Traceback' not in stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], lines
