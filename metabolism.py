@@ -278,12 +278,18 @@ class MetabolismSampler:
         return torch.randint(self._num_sets, (num_tasks,), generator=self._generator)
 
 
-def check_task_shape(data, names, num_way, num_support, num_query):
-    """Raises UserError for a task shape the split's data sets cannot provide."""
+def check_task_flags(num_way, num_support, num_query):
+    """Raises UserError for a task shape no data can provide; needs no data, so scripts call it
+    before loading."""
     if num_way != NUM_WAY:
         raise UserError(f'--num_way {num_way}: the metabolism data is binary (labels 0 and 1); '
                         f'use --num_way {NUM_WAY}')
     check_positive(num_support=num_support, num_query=num_query)
+
+
+def check_task_shape(data, names, num_way, num_support, num_query):
+    """Raises UserError for a task shape the split's data sets cannot provide."""
+    check_task_flags(num_way, num_support, num_query)
     for name in names:
         counts = np.bincount(data[name]['label'], minlength=NUM_WAY)
         for label, count in enumerate(counts):

@@ -1,14 +1,38 @@
 """Puts the repository root on sys.path and points the data code at the real files beside it.
 
 Omniglot is fetched through a file:// mirror of ../shared/data/omniglot, the same code path as
-a real download, into the repository's data/omniglot (prepared once, then cached).
+a real download, into the repository's data/omniglot (prepared once, then cached). The TDC
+Metabolism files of ../shared/data/metabolism/raw_tdc are built once per test session (about
+half a minute, the `built` fixture), for every test file that needs them.
 """
+import contextlib
+import io
 import os
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / 'shared' / 'data'
+RAW = SHARED_DATA / 'metabolism' / 'raw_tdc'
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault('OMNIGLOT_MIRROR', (SHARED_DATA / 'omniglot').as_uri())
 os.environ.setdefault('OMNIGLOT_DIR', str(ROOT / 'data' / 'omniglot'))
+
+
+@pytest.fixture(scope='session')
+def built(tmp_path_factory):
+    """(datadir, data, printed output, seconds): all 8 real files built through a file:// mirror."""
+    import metabolism  # here, not above: only the sessions that need it pay for RDKit
+    assert RAW.is_dir(), f'{RAW} is missing: the tests need ../shared beside the repository'
+    datadir = tmp_path_factory.mktemp('metabolism')
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+        patch.setenv('TDC_MIRROR', RAW.as_uri())
+        start = time.perf_counter()
+        data = metabolism.load_metabolism(datadir)
+        seconds = time.perf_counter() - start
+    print(f'\nbuilding all 8 TDC files took {seconds:.1f} s')
+    return datadir, data, out.getvalue(), seconds

@@ -1,15 +1,12 @@
 """metabolism.py: fingerprints, building from TDC files, the pickle, the task sampler, user errors.
 
-The real TDC files come from ../shared/data/metabolism/raw_tdc beside the repository. They are
-built once per session (about half a minute) through a file:// TDC_MIRROR; every other test
-uses that result or a few tiny synthetic files.
+The real TDC files come from ../shared/data/metabolism/raw_tdc beside the repository. The
+`built` fixture of conftest.py builds them once per session (about half a minute) through a
+file:// TDC_MIRROR; every other test uses that result or a few tiny synthetic files.
 """
-import contextlib
 import csv
-import io
 import pickle
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +15,9 @@ from rdkit import Chem
 from rdkit.Chem import rdFingerprintGenerator
 
 import metabolism
+from conftest import RAW
 from util import UserError
 
-RAW = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'metabolism' / 'raw_tdc'
 # Rows and Y=1 counts of each file, from raw_tdc's SOURCES.md.
 EXPECTED = {'CYP1A2_Veith': (12579, 5829), 'CYP2C19_Veith': (12665, 5819),
             'CYP2C9_Veith': (12092, 4045), 'CYP2D6_Veith': (13130, 2514),
@@ -63,21 +60,6 @@ def empty_mirror(tmp_path, monkeypatch):
     mirror.mkdir()
     monkeypatch.setenv('TDC_MIRROR', str(mirror))
     return mirror
-
-
-@pytest.fixture(scope='module')
-def built(tmp_path_factory):
-    """(datadir, data, printed output, seconds): all 8 real files built through a file:// mirror."""
-    assert RAW.is_dir(), f'{RAW} is missing: the tests need ../shared beside the repository'
-    datadir = tmp_path_factory.mktemp('metabolism')
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
-        patch.setenv('TDC_MIRROR', RAW.as_uri())
-        start = time.perf_counter()
-        data = metabolism.load_metabolism(datadir)
-        seconds = time.perf_counter() - start
-    print(f'\nbuilding all 8 TDC files took {seconds:.1f} s')
-    return datadir, data, out.getvalue(), seconds
 
 
 # ----- features -----
