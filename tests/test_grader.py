@@ -1,0 +1,25 @@
+"""grader.py: every graded test passes, with the assignment's ids, points and framing."""
+import re
+
+import grader
+
+SPEC_POINTS = {'1b-0-hidden': 8, '2a-0-basic': 2, '2a-1-basic': 2, '2a-2-basic': 4,
+               '2a-3-hidden': 4, '2b-0-basic': 5, '2b-1-hidden': 7}
+
+
+def test_grader_scores_all_32_points_with_the_assignment_framing(capsys):
+    assert {test_id: points for test_id, _, points, _, _ in grader.TESTS} == SPEC_POINTS
+    assert grader.run([]) == (32, 32)
+    output = capsys.readouterr().out
+    for test_id, points in SPEC_POINTS.items():
+        assert f'----- START {test_id}: ' in output
+        assert re.search(rf'----- END {test_id} \[took [\d:.]+ \(max allowed \d+ seconds\), '
+                         rf'{points}/{points} points\]', output)
+    assert output.rstrip().endswith('========== END GRADING [32/32 points]')
+
+
+def test_a_wrong_implementation_loses_the_points(capsys, monkeypatch):
+    logits = grader.protonet.prototype_logits  # negated: the farthest prototype wins
+    monkeypatch.setattr(grader.protonet, 'prototype_logits', lambda *args: -logits(*args))
+    assert grader.run(['1b-0-hidden']) == (0, 8)
+    assert 'FAIL: AssertionError' in capsys.readouterr().out
