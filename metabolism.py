@@ -106,11 +106,11 @@ def fingerprints(smiles, name='molecules'):
         name (str): what they are, for the report of unparsable ones
 
     Returns:
-        features (np.ndarray): float32 0/1 bits, shape (n_parsed, 1024)
+        features (np.ndarray): uint8 0/1 bits, shape (n_parsed, 1024)
         kept (np.ndarray): int64 indices into smiles of the parsed ones, shape (n_parsed,)
     """
     generator = rdFingerprintGenerator.GetMorganGenerator(radius=MORGAN_RADIUS, fpSize=NUM_BITS)
-    features = np.zeros((len(smiles), NUM_BITS), dtype=np.float32)
+    features = np.zeros((len(smiles), NUM_BITS), dtype=np.uint8)
     kept = []
     with rdBase.BlockLogs():  # RDKit would log every parse error; we report them once, below
         for i, text in enumerate(tqdm(smiles, desc=name, unit='mol', leave=False)):
@@ -132,9 +132,9 @@ def report_unparsed(smiles, kept, name):
 
 
 def build(tables):
-    """{name: {'feature': float32 (n, 1024), 'label': int64 (n,)}} from {name: raw file path}.
+    """{name: {'feature': uint8 (n, 1024), 'label': int64 (n,)}} from {name: raw file path}.
 
-    Duplicate rows are kept, as TDC keeps them.
+    Duplicate rows are kept, as TDC keeps them. uint8 bits keep the cache 4x smaller than float32.
     """
     data = {}
     for name, path in tables.items():
@@ -165,7 +165,7 @@ def load_metabolism(datadir):
     except OSError as error:  # e.g. a read-only folder of TDC files: still usable, just slower
         print(f'Could not cache them in {cache} ({error}); every start will build them again '
               'unless --datadir is writable.')
-    return data
+    return checked(data, cache)
 
 
 def read_pickle(path):

@@ -67,7 +67,7 @@ def test_fingerprints_match_rdkit_bits():
     smiles = [row['Drug'] for name in ('CYP1A2_Veith', 'CYP2C9_Substrate_CarbonMangels')
               for row in read_raw(name)[:3]]
     features, kept = metabolism.fingerprints(smiles)
-    assert features.shape == (6, 1024) and features.dtype == np.float32
+    assert features.shape == (6, 1024) and features.dtype == np.uint8
     assert kept.tolist() == list(range(6))
     assert set(np.unique(features)) == {0.0, 1.0}
     for row, text in zip(features, smiles):
