@@ -31,6 +31,16 @@ def score(logits, labels):
     return torch.mean(y).item()
 
 
+def accuracy_per_task(logits, labels):
+    """Accuracy of each task of a batch, as a numpy float64 array of shape (num_tasks,).
+
+    Args:
+        logits (torch.Tensor): shape (num_tasks, examples, classes)
+        labels (torch.Tensor): int64, shape (num_tasks, examples)
+    """
+    return (logits.argmax(-1) == labels).double().mean(-1).cpu().numpy()
+
+
 def mean_and_ci95(values):
     """Mean and half-width of the 95% confidence interval, 1.96 * std / sqrt(n), as the course."""
     values = np.asarray(values, dtype=np.float64)
