@@ -1,7 +1,7 @@
 """Implementation of model-agnostic meta-learning (MAML) for Omniglot.
 
-The math is a few pure functions of a parameter dict and one task's data (`forward`, `adapt`),
-as in the torch.func MAML example; the MAML class holds the meta-parameters, the inner learning
+The math is a few pure functions of parameter dicts and a batch of tasks' data (`forward`,
+`adapt`), as in the torch.func MAML example, every task with its own weights in one call; the MAML class holds the meta-parameters, the inner learning
 rates and the optimizer, and plugs them into the shared training loop of training.py.
 
 First-order MAML (--first_order) differentiates phi = theta - alpha * g with the inner gradients
@@ -173,7 +173,6 @@ class MAML(training.MetaLearner):
         self._num_inner_steps = num_inner_steps
         self._learn_inner_lrs = learn_inner_lrs
         self._first_order = first_order
-        self._outer_lr = outer_lr
         self._optimizer = torch.optim.Adam(
             list(self._meta_parameters.values()) + list(self._inner_lrs.values()), lr=outer_lr)
         # Parameter shapes depend on num_outputs only: inner steps and shots may change at test.
@@ -342,23 +341,9 @@ def main(args):
     if args.num_inner_steps < 0:
         raise util.UserError(f'--num_inner_steps must be 0 or more, got {args.num_inner_steps}')
     util.check_positive(inner_lr=args.inner_lr, outer_lr=args.outer_lr)
-    device = util.get_device(args.device)
-    if args.cache:
-        omniglot.prepare()
-        print(f'Omniglot is ready in {omniglot.DATA_DIR}.')
-        return
-    log_dir = args.log_dir or default_log_dir(args)
-    print(f'log_dir: {log_dir}')
-    util.seed_everything(args.seed)
-    maml = MAML(args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs,
-                args.outer_lr, log_dir, device, args.first_order)
-
-    def get_dataloader(split, batch_size, num_tasks):
-        return omniglot.get_omniglot_dataloader(split, batch_size, args.num_way, args.num_support,
-                                                args.num_query, num_tasks, seed=args.seed,
-                                                device=device)
-
-    training.run(args, maml, get_dataloader)
+    omniglot.run(args, lambda log_dir, device: MAML(
+        args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs, args.outer_lr,
+        log_dir, device, args.first_order), default_log_dir)
 
 
 if __name__ == '__main__':
