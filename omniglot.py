@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import training
+import util
 from util import UserError
 
 NUM_TRAIN_CLASSES = 1100
@@ -321,6 +323,26 @@ def get_omniglot_dataloader(split, batch_size, num_way, num_support, num_query,
     return TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size, generator)
 
 
-if __name__ == '__main__':
-    prepare()
-    print(f'Omniglot ready in {DATA_DIR}.')
+def run(args, build_learner, default_log_dir):
+    """The body of protonet.py's and maml.py's main(): Omniglot, log dir, seed, then train or test.
+
+    Args:
+        args (argparse.Namespace): parsed flags (training.add_common_args and the script's own)
+        build_learner (callable): (log_dir, device) -> training.MetaLearner
+        default_log_dir (callable): args -> the log dir named after the flags
+    """
+    device = util.get_device(args.device)
+    if args.cache:
+        prepare()
+        print(f'Omniglot is ready in {DATA_DIR}.')
+        return
+    log_dir = args.log_dir or default_log_dir(args)
+    print(f'log_dir: {log_dir}')
+    util.seed_everything(args.seed)
+    learner = build_learner(log_dir, device)
+
+    def get_dataloader(split, batch_size, num_tasks):
+        return get_omniglot_dataloader(split, batch_size, args.num_way, args.num_support,
+                                       args.num_query, num_tasks, seed=args.seed, device=device)
+
+    training.run(args, learner, get_dataloader)
