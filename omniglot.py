@@ -199,11 +199,13 @@ class OmniglotDataset:
     def __init__(self, num_support, num_query, images=None, generator=None):
         self._num_support = num_support
         self._num_query = num_query
-        self._images = torch.from_numpy(prepare()) if images is None else images
+        images = torch.from_numpy(prepare()) if images is None else images
+        self._images = images.flatten(0, 1)  # (1623 * 20, 28, 28): one row per image
         self._generator = generator or torch.Generator().manual_seed(0)
 
     def tasks(self, class_idxs):
-        """Builds one task per row of class_idxs, all in one indexing operation.
+        """Builds one task per row of class_idxs: one gather for the support sets, one for the
+        query sets, each straight into its final layout.
 
         Args:
             class_idxs (torch.Tensor): int64 class indices, shape (num_tasks, num_way)
@@ -217,19 +219,26 @@ class OmniglotDataset:
         num_images = self._num_support + self._num_query
         scores = torch.rand(num_tasks, num_way, NUM_SAMPLES_PER_CLASS, generator=self._generator)
         image_idxs = scores.argsort(dim=-1)[..., :num_images]  # distinct images per class
-        device = self._images.device
-        images = self._images[class_idxs[..., None].to(device), image_idxs.to(device)]
-        images = images.float().unsqueeze(-3)  # (tasks, way, support + query, 1, 28, 28)
-        labels = torch.arange(num_way, device=device)
-
-        def flat(part, shots):
-            return part.reshape(num_tasks, num_way * shots, 1, IMAGE_SIZE, IMAGE_SIZE)
-
-        support = flat(images[:, :, :self._num_support], self._num_support)
-        query = flat(images[:, :, self._num_support:], self._num_query)
+        rows = (class_idxs[..., None] * NUM_SAMPLES_PER_CLASS + image_idxs).to(self._images.device)
+        support = self._gather(rows[..., :self._num_support])
+        query = self._gather(rows[..., self._num_support:])
+        labels = torch.arange(num_way, device=self._images.device)
         labels_support = labels.repeat_interleave(self._num_support)
         labels_query = labels.repeat_interleave(self._num_query)
         return [(support[i], labels_support, query[i], labels_query) for i in range(num_tasks)]
+
+    def _gather(self, rows):
+        """Images of the given rows as float32, 1 channel.
+
+        Args:
+            rows (torch.Tensor): int64 row indices into the flat images,
+                shape (num_tasks, num_way, shots)
+
+        Returns:
+            float32 images, shape (num_tasks, num_way * shots, 1, 28, 28)
+        """
+        images = self._images.index_select(0, rows.flatten()).float()
+        return images.view(rows.shape[0], -1, 1, IMAGE_SIZE, IMAGE_SIZE)
 
     def __getitem__(self, class_idxs):
         return self.tasks(torch.as_tensor([class_idxs]))[0]

@@ -1,0 +1,86 @@
+"""--amp bf16: bfloat16 autocast in the shared loop, close to float32, finite MAML meta-gradients."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import grader
+import maml
+import protonet
+import training
+
+
+class DtypeRecorder(nn.Module):
+    """A tiny ProtoNet learner that records the dtype its linear layer computes in."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(28 * 28, 8)
+        self.dtypes = []
+
+    def forward(self, images):
+        """images (num_tasks, examples, 1, 28, 28) -> latents (num_tasks, examples, 8)."""
+        latents = self.linear(images.flatten(2))
+        self.dtypes.append(latents.dtype)
+        return latents
+
+
+def test_amp_flag_defaults_to_float32_and_accepts_only_known_values():
+    parser = argparse.ArgumentParser()
+    training.add_common_args(parser, num_train_iterations=10)
+    assert parser.parse_args([]).amp == 'none'
+    assert parser.parse_args(['--amp', 'bf16']).amp == 'bf16'
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--amp', 'fp16'])
+
+
+def test_bf16_autocast_applies_to_training_validation_and_test_only_when_asked(tmp_path):
+    recorder = DtypeRecorder()
+    model = protonet.ProtoNet(0.001, str(tmp_path), 'cpu', learner=recorder)
+    task_batch = grader.omniglot_batch(batch_size=2, num_way=3, num_support=1, num_query=2)
+    model._train_step(task_batch, step=0)
+    assert set(recorder.dtypes) == {torch.float32}
+    recorder.dtypes.clear()
+    model.amp = 'bf16'
+    model._train_step(task_batch, step=1)
+    model.validate([task_batch])
+    model.test([task_batch])
+    assert set(recorder.dtypes) == {torch.bfloat16}
+    # The parameters, their gradients and Adam's state stay float32.
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+               for p in recorder.parameters())
+
+
+def test_bf16_protonet_loss_and_gradients_are_close_to_float32(tmp_path):
+    torch.manual_seed(0)
+    model = protonet.ProtoNet(0.001, str(tmp_path), 'cpu')
+    task_batch = grader.omniglot_batch(batch_size=4, num_way=5, num_support=5, num_query=15)
+    results = {}
+    for amp in training.AMP_CHOICES:
+        model.amp = amp
+        model._optimizer.zero_grad()
+        loss, _ = model._evaluate_amp(task_batch, train=True)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        results[amp] = loss.item(), torch.cat([p.grad.flatten() for p in
+                                               model._network.parameters()])
+    (loss32, grad32), (loss16, grad16) = results['none'], results['bf16']
+    assert loss16 == pytest.approx(loss32, rel=0.02)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99
+
+
+@pytest.mark.parametrize('num_inner_steps', [1, 5])
+def test_bf16_maml_second_order_meta_gradients_are_finite(tmp_path, num_inner_steps):
+    torch.manual_seed(0)
+    model = maml.MAML(5, num_inner_steps, 0.4, True, 0.001, str(tmp_path), 'cpu')
+    model.amp = 'bf16'
+    task_batch = grader.omniglot_batch(batch_size=2, num_way=5, num_support=1, num_query=15)
+    loss, metrics = model._evaluate_amp(task_batch, train=True)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name in ('_meta_parameters', '_inner_lrs'):
+        for key, value in getattr(model, name).items():
+            assert value.grad is not None and torch.isfinite(value.grad).all(), f'{name}[{key}]'
+    assert np.isfinite(metrics['post_adapt_query']).all()
