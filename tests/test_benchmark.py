@@ -1,0 +1,46 @@
+"""benchmarks/benchmark.py: the quick mode's equality checks pass and its table is complete."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+
+import benchmark  # noqa: E402  (needs the path above)
+
+ROWS = ['ProtoNet 5w5s: training, s/iter', 'MAML 5w1s 1 step: training, s/iter',
+        'MAML 5w1s 5 steps: training, s/iter', 'MAML 5w1s 1 step first-order: training, s/iter',
+        'ProtoNet 5w5s: validation, s/task', 'ProtoNet 5w5s: --test, s/task',
+        'MAML 5w1s 1 step: validation, s/task', 'MAML 5w1s 1 step: --test, s/task']
+NUMBER = r'[\d.e+-]+'
+
+
+def test_quick_benchmark_checks_equality_and_prints_every_row():
+    result = subprocess.run([sys.executable, 'benchmarks/benchmark.py', '--quick'], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = re.findall(r'^  (.+): largest relative error (\S+) ok$', result.stdout, re.M)
+    assert [name for name, _ in checks] == [
+        'ProtoNet 5w5s', 'MAML 5w1s 1 step', 'MAML 5w1s 5 steps', 'MAML 5w1s 1 step first-order']
+    assert all(float(error) <= 1e-4 for _, error in checks)
+    for row in ROWS:
+        cells = rf'{NUMBER} \| {NUMBER} \| {NUMBER}x \| {NUMBER} \| {NUMBER}x'
+        assert re.search(rf'^\| {re.escape(row)} \| {cells} \|$', result.stdout, re.M), row
+    assert re.search(rf'^\| Task sampling 5w5s: tasks/s \| {NUMBER} \| {NUMBER} \| {NUMBER}x \|',
+                     result.stdout, re.M)
+    memory_rows = re.findall(r'^\| [^|]+ \| \d+ \| \d+ \| \d* \|$', result.stdout, re.M)
+    assert len(memory_rows) == len(ROWS) + 1
+
+
+def test_relative_error_catches_a_wrong_gradient_and_tolerates_rounding_noise():
+    gradients = [torch.tensor([3.0, 4.0]), torch.tensor([1e-7, -1e-7])]  # the second is noise
+    noisy = [gradients[0] * (1 + 1e-6), torch.tensor([-2e-7, 3e-7])]
+    loss = torch.tensor(1.5)
+    assert benchmark.largest_relative_error(loss, loss, noisy, gradients) < 1e-4
+    wrong = [gradients[0] * 1.01, gradients[1]]
+    assert benchmark.largest_relative_error(loss, loss, wrong, gradients) == pytest.approx(0.01)
+    assert benchmark.largest_relative_error(loss * 1.001, loss, gradients, gradients) > 1e-4
