@@ -551,6 +551,7 @@ def main(args):
         if not check_equality(bench):
             print('error: ours and the reference disagree; see above', file=sys.stderr)
             sys.exit(1)
+        reset_peak_memory(device)  # frees what the checks left behind
         start_memory = memory_mib(device, peak=False)
         rows = measure_rows(bench)
     print(f'\nMachine: {machine(device)}; batch of {sizes.batch_size} tasks, 15 queries per '
