@@ -3,6 +3,7 @@
 The whole data set lives in one uint8 tensor of shape (1623, 20, 28, 28) (strokes = 1), on the
 training device, and a task is one indexing operation: no PNG decoding, no file globbing.
 """
+import functools
 import hashlib
 import io
 import os
@@ -314,6 +315,13 @@ def check_task_shape(num_way, num_support, num_query, num_classes, split):
                         f"'{split}' split; lower --num_way")
 
 
+@functools.cache
+def images_on(device):
+    """All images as a uint8 tensor (1623, 20, 28, 28) on device, loaded and copied once per
+    process: the train, val and test loaders share it."""
+    return torch.from_numpy(prepare()).to(device)
+
+
 def get_omniglot_dataloader(split, batch_size, num_way, num_support, num_query,
                             num_tasks_per_epoch, num_workers=2, seed=0, device='cpu'):
     """Returns a TaskLoader of num_tasks_per_epoch // batch_size batches of split's tasks.
@@ -327,8 +335,7 @@ def get_omniglot_dataloader(split, batch_size, num_way, num_support, num_query,
     if batch_size < 1:
         raise UserError(f'--batch_size must be at least 1, got {batch_size}')
     generator = split_generator(seed, split)
-    images = torch.from_numpy(prepare()).to(device)
-    dataset = OmniglotDataset(num_support, num_query, images, generator)
+    dataset = OmniglotDataset(num_support, num_query, images_on(str(device)), generator)
     sampler = OmniglotSampler(split_idxs, num_way, num_tasks_per_epoch, generator)
     return TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size, generator)
 
