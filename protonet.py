@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import layers
 import omniglot
 import training
 import util
@@ -55,12 +56,18 @@ class ProtoNetNetwork(nn.Module):
     def embed(self, images):
         """One task's images (examples, channels, height, width) -> latents (examples, 64).
 
-        Max pooling runs before the ReLU: both are monotone, so the values (and the gradient,
-        max pooling's first index included) are the same as ReLU then pooling, for a quarter
-        of the ReLU's work.
+        The first convolution and its batch norm are one matrix product (layers.py), whose
+        channels_last output CPU max pooling handles about 10x faster than NCHW; the later
+        layers run in NCHW, where CPU batch norm sums accurately. Max pooling runs before the
+        ReLU: both are monotone, so the values (and the gradient, max pooling's first index
+        included) are the same as ReLU then pooling, for a quarter of the ReLU's work.
         """
-        x = images
-        for conv, norm in zip(self.convs, self.norms):
+        (first_conv, first_norm), *rest = zip(self.convs, self.norms)
+        x = layers.conv_batch_norm(images, first_conv.weight, first_conv.bias,
+                                   first_norm.weight, first_norm.bias, first_norm.eps)
+        x = F.relu(F.max_pool2d(x, 2))
+        x = x.contiguous(memory_format=layers.hidden_memory_format(x))
+        for conv, norm in rest:
             x = F.relu(F.max_pool2d(norm.normalize(conv(x)), 2))
         return x.flatten(1)
 

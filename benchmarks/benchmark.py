@@ -1,7 +1,7 @@
 """Speed of ours against a course-style reference, side by side, in one run on one machine.
 
     python benchmarks/benchmark.py                 # the README's table
-    python benchmarks/benchmark.py --quick         # CI: a few iterations, the same equality checks
+    python benchmarks/benchmark.py --quick         # CI: a few iterations, the same accuracy checks
     python benchmarks/benchmark.py --device gpu    # the same on CUDA
 
 The reference is the course's way of doing the same work, written out below: a torch DataLoader
@@ -11,8 +11,10 @@ F.conv2d / F.batch_norm and torch.autograd.grad(create_graph=True), one task at 
 the project's code, timed through the shared loop's training step (`_train_step`), `validate`
 and `test`, so the numbers follow whatever protonet.py and maml.py implement.
 
-Before timing anything, ours and the reference compute the loss and every gradient on the same
-batch with the same weights; a relative difference above 1e-4 exits with status 1.
+Before timing anything, ours and the reference compute the loss and every gradient in float32 on
+one batch with the same weights, and the reference again in float64; if ours is further from
+the float64 result than twice the reference's float32 error (and more than 1e-4), the benchmark
+exits with status 1.
 
 Timing: each row runs warm-up iterations, then the median of timed ones. Ours and the reference
 alternate within one process, so a busy machine slows both; still, take numbers on an idle one.
@@ -50,6 +52,7 @@ import protonet  # noqa: E402
 import util  # noqa: E402
 
 RELATIVE_TOLERANCE = 1e-4
+ACCURACY_MARGIN = 2
 MAML_INNER_LR = 0.4
 LEARNING_RATE = 0.001
 
@@ -393,7 +396,7 @@ class Bench:
         return Result(self.sizes.batch_size * num_batches / result.value, result.memory)
 
 
-# ----- equality of ours and the reference -----
+# ----- numerics: ours as accurate as the reference -----
 def largest_relative_error(loss, expected_loss, gradients, expected_gradients):
     """The largest of |loss - expected| / |expected| and ||a - b|| / ||b|| over gradient pairs.
 
@@ -407,67 +410,98 @@ def largest_relative_error(loss, expected_loss, gradients, expected_gradients):
     """
     norms = [b.norm().item() for b in expected_gradients]
     whole = float(np.linalg.norm(norms))
-    errors = [((a - b).norm() / (norm if norm >= 1e-3 * max(norms) else whole)).item()
+    errors = [((a.double() - b).norm() / (norm if norm >= 1e-3 * max(norms) else whole)).item()
               for a, b, norm in zip(gradients, expected_gradients, norms, strict=True)]
-    return max([((loss - expected_loss).abs() / expected_loss.abs()).item(), *errors])
+    return max([((loss.double() - expected_loss).abs() / expected_loss.abs()).item(), *errors])
+
+
+def in_float64(task_batch):
+    return [tuple(t.double() if t.is_floating_point() else t for t in task) for task in task_batch]
+
+
+def loss_and_gradients(loss, parameters):
+    loss.backward()
+    return loss.detach(), [p.grad for p in parameters]
+
+
+def error_against(result, exact):
+    """result, exact: (loss, gradients) pairs -> the largest relative error of result."""
+    (loss, gradients), (expected_loss, expected_gradients) = result, exact
+    return largest_relative_error(loss, expected_loss, gradients, expected_gradients)
 
 
 def check_protonet(task_batch, device, log_dir):
-    """Loss and gradients of ProtoNet._step against the course's step, same weights and batch.
+    """Errors of ProtoNet._step and of the course's step against the course's step in float64,
+    same weights and batch.
 
     Returns:
-        the largest relative error (loss or any gradient)
+        (ours, reference): each the largest relative error of the loss or any gradient
     """
     learner = protonet.ProtoNet(LEARNING_RATE, log_dir, device)
     ours = [p for conv, norm in zip(learner._network.convs, learner._network.norms)
             for p in (*conv.parameters(), *norm.parameters())]
-    network = course_protonet_network().to(device)
+    networks = [course_protonet_network().to(device) for _ in range(2)]
+    networks[1].double()
     with torch.no_grad():
-        for theirs, mine in zip(network.parameters(), ours, strict=True):
-            theirs.copy_(mine)
-    loss, _, _ = learner._step(task_batch)
-    expected, _, _ = course_protonet_step(network, task_batch, device)
-    loss.backward()
-    expected.backward()
-    return largest_relative_error(loss, expected, [p.grad for p in ours],
-                                  [p.grad for p in network.parameters()])
+        for network in networks:
+            for theirs, mine in zip(network.parameters(), ours, strict=True):
+                theirs.copy_(mine)
+    exact = loss_and_gradients(course_protonet_step(networks[1], in_float64(task_batch),
+                                                    device)[0], networks[1].parameters())
+    return (error_against(loss_and_gradients(learner._step(task_batch)[0], ours), exact),
+            error_against(loss_and_gradients(course_protonet_step(networks[0], task_batch,
+                                                                  device)[0],
+                                             networks[0].parameters()), exact))
 
 
 def check_maml(task_batch, num_inner_steps, first_order, device, log_dir):
-    """Loss and meta-gradients of MAML._outer_step against the course's, same weights and batch.
+    """Errors of MAML._outer_step and of the course's outer step against the course's in
+    float64, same weights and batch.
 
     Returns:
-        the largest relative error (loss or any meta-gradient)
+        (ours, reference): each the largest relative error of the loss or any meta-gradient
     """
     learner = maml.MAML(5, num_inner_steps, MAML_INNER_LR, False, LEARNING_RATE, log_dir, device,
                         first_order=first_order)
-    parameters = {key: value.detach().clone().requires_grad_()
-                  for key, value in learner._meta_parameters.items()}
-    loss, _, _ = learner._outer_step(task_batch, train=True)
-    expected = course_maml_outer_step(parameters, task_batch, num_inner_steps, not first_order,
-                                      device)
-    loss.backward()
-    expected.backward()
-    return largest_relative_error(loss, expected,
-                                  [p.grad for p in learner._meta_parameters.values()],
-                                  [p.grad for p in parameters.values()])
+    ours = list(learner._meta_parameters.values())
+    float32, float64 = ([value.detach().to(dtype).requires_grad_() for value in ours]
+                        for dtype in (torch.float32, torch.float64))
+
+    def course_step(parameters, batch):
+        return loss_and_gradients(course_maml_outer_step(
+            dict(zip(learner._meta_parameters, parameters)), batch, num_inner_steps,
+            not first_order, device), parameters)
+    exact = course_step(float64, in_float64(task_batch))
+    return (error_against(loss_and_gradients(learner._outer_step(task_batch, train=True)[0], ours),
+                          exact),
+            error_against(course_step(float32, task_batch), exact))
 
 
-def check_equality(bench):
-    """Every equality check on one batch of the course loader; prints them; True if all pass."""
+def check_numerics(bench):
+    """Every accuracy check on one seeded batch; prints them; True if all pass.
+
+    Ours passes when its float32 loss and gradients are as close to the float64 result as the
+    reference's float32 ones: within ACCURACY_MARGIN times the reference's error, or within
+    RELATIVE_TOLERANCE. (Comparing ours with the reference directly would fail any change of
+    summation order: second-order MAML in float32 is itself ~1e-2 from float64.)
+    """
     batch_size = bench.sizes.batch_size
-    protonet_batch = next(iter(bench.course_loader('train', batch_size, 5, 5, batch_size)))
-    maml_batch = next(iter(bench.course_loader('train', batch_size, 5, 1, batch_size)))
-    errors = {'ProtoNet 5w5s': check_protonet(protonet_batch, bench.device, bench.log_dir)}
+
+    def task_batch(num_support):
+        return next(iter(omniglot.get_omniglot_dataloader('train', batch_size, 5, num_support,
+                                                          15, batch_size, device=bench.device)))
+    errors = {'ProtoNet 5w5s': check_protonet(task_batch(5), bench.device, bench.log_dir)}
     for name, num_inner_steps, first_order in MAML_ROWS:
-        errors[name] = check_maml(maml_batch, num_inner_steps, first_order, bench.device,
+        errors[name] = check_maml(task_batch(1), num_inner_steps, first_order, bench.device,
                                   bench.log_dir)
-    print(f'Equality of loss and gradients, ours vs reference, same batch of {batch_size} tasks '
-          f'(relative tolerance {RELATIVE_TOLERANCE:g}):')
-    for name, error in errors.items():
-        verdict = 'ok' if error <= RELATIVE_TOLERANCE else 'FAILED'
-        print(f'  {name}: largest relative error {error:.1e} {verdict}')
-    return all(error <= RELATIVE_TOLERANCE for error in errors.values())
+    print(f'Float32 loss and gradients against the reference in float64, same batch of '
+          f'{batch_size} tasks: largest relative error')
+    passed = True
+    for name, (ours, reference) in errors.items():
+        ok = ours <= max(RELATIVE_TOLERANCE, ACCURACY_MARGIN * reference)
+        passed &= ok
+        print(f'  {name}: ours {ours:.1e}, reference {reference:.1e} {"ok" if ok else "FAILED"}')
+    return passed
 
 
 # ----- the table -----
@@ -548,8 +582,9 @@ def main(args):
         folder = os.path.join(work, 'omniglot_resized')
         write_png_folder(omniglot.prepare(), folder)
         bench = Bench(folder, sizes, device, os.path.join(work, 'logs'))
-        if not check_equality(bench):
-            print('error: ours and the reference disagree; see above', file=sys.stderr)
+        if not check_numerics(bench):
+            print('error: ours is less accurate than the reference; see above',
+                  file=sys.stderr)
             sys.exit(1)
         reset_peak_memory(device)  # frees what the checks left behind
         start_memory = memory_mib(device, peak=False)
