@@ -477,25 +477,34 @@ def check_maml(task_batch, num_inner_steps, first_order, device, log_dir):
             error_against(course_step(float32, task_batch), exact))
 
 
-def check_numerics(bench):
-    """Every accuracy check on one seeded batch; prints them; True if all pass.
+def check_numerics(bench, seeds=(0, 1, 2)):
+    """Every accuracy check on one seeded batch, for weights drawn with each seed; prints them;
+    True if all pass.
 
     Ours passes when its float32 loss and gradients are as close to the float64 result as the
-    reference's float32 ones: within ACCURACY_MARGIN times the reference's error, or within
-    RELATIVE_TOLERANCE. (Comparing ours with the reference directly would fail any change of
-    summation order: second-order MAML in float32 is itself ~1e-2 from float64.)
+    reference's float32 ones: its largest error over the seeds within ACCURACY_MARGIN times the
+    reference's largest, or within RELATIVE_TOLERANCE. Comparing ours with the reference
+    directly would fail any change of summation order: second-order MAML in float32 is itself
+    ~1e-2 from float64, and on Omniglot's binary images rounding decides ties in max pooling,
+    so the float32 error of either side varies 100-fold with the weights.
     """
     batch_size = bench.sizes.batch_size
 
     def task_batch(num_support):
         return next(iter(omniglot.get_omniglot_dataloader('train', batch_size, 5, num_support,
                                                           15, batch_size, device=bench.device)))
-    errors = {'ProtoNet 5w5s': check_protonet(task_batch(5), bench.device, bench.log_dir)}
+
+    def largest_errors(check, *args):
+        errors = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            errors.append(check(*args, bench.device, bench.log_dir))
+        return np.max(errors, axis=0)
+    errors = {'ProtoNet 5w5s': largest_errors(check_protonet, task_batch(5))}
     for name, num_inner_steps, first_order in MAML_ROWS:
-        errors[name] = check_maml(task_batch(1), num_inner_steps, first_order, bench.device,
-                                  bench.log_dir)
+        errors[name] = largest_errors(check_maml, task_batch(1), num_inner_steps, first_order)
     print(f'Float32 loss and gradients against the reference in float64, same batch of '
-          f'{batch_size} tasks: largest relative error')
+          f'{batch_size} tasks: largest relative error over weights drawn with seeds {seeds}')
     passed = True
     for name, (ours, reference) in errors.items():
         ok = ours <= max(RELATIVE_TOLERANCE, ACCURACY_MARGIN * reference)

@@ -2,11 +2,14 @@
 
     python benchmarks/time_to_accuracy.py --target 0.99 -- --num_support 5 --seed 0
     python benchmarks/time_to_accuracy.py --target 0.99 -- --num_support 5 --seed 0 --amp bf16
+    python benchmarks/time_to_accuracy.py --target 0.99 --reference -- --seed 0
 
 Runs `python protonet.py <flags after -->` from scratch in a fresh log folder, timestamps every
 line it prints, and stops it at the first `Validation:` line whose query accuracy is at least
 the target (validation runs every 50 iterations, so this is a bound to within 50 iterations).
-Prints every validation line with its wall time, then the result.
+Prints every validation line with its wall time, then the result. With --reference it runs the
+course-style loop of benchmarks/course_protonet.py instead, on a PNG folder written before the
+clock starts.
 """
 import argparse
 import re
@@ -16,28 +19,32 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchmark  # puts the project's root on the path
+
+import omniglot  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION = re.compile(r'^Validation: .*query accuracy: ([\d.]+)')
 ITERATION = re.compile(r'^Iteration (\d+):')
 
 
-def run_until(target, flags, script='protonet.py'):
-    """Returns (iteration, seconds) of the first validation at or above target, else None."""
-    with tempfile.TemporaryDirectory() as log_dir:
-        command = [sys.executable, '-u', script, '--log_dir', log_dir, *flags]
-        print(' '.join(command[1:]), flush=True)
-        start = time.perf_counter()
-        with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True) as process:
-            iteration = None
-            for line in process.stdout:
-                seconds = time.perf_counter() - start
-                if match := ITERATION.match(line):
-                    iteration = int(match[1])
-                elif match := VALIDATION.match(line):
-                    print(f'{seconds:8.1f} s  iteration {iteration}: {line.strip()}', flush=True)
-                    if float(match[1]) >= target:
-                        process.terminate()
-                        return iteration, seconds
+def run_until(target, arguments):
+    """Runs `python -u <arguments>`; returns (iteration, seconds) of its first validation at or
+    above target, else None."""
+    command = [sys.executable, '-u', *arguments]
+    print(' '.join(command[1:]), flush=True)
+    start = time.perf_counter()
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True) as process:
+        iteration = None
+        for line in process.stdout:
+            seconds = time.perf_counter() - start
+            if match := ITERATION.match(line):
+                iteration = int(match[1])
+            elif match := VALIDATION.match(line):
+                print(f'{seconds:8.1f} s  iteration {iteration}: {line.strip()}', flush=True)
+                if float(match[1]) >= target:
+                    process.terminate()
+                    return iteration, seconds
     return None
 
 
@@ -45,9 +52,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--target', type=float, default=0.99,
                         help='validation query accuracy to reach')
+    parser.add_argument('--reference', action='store_true',
+                        help="train the course's implementation (benchmarks/course_protonet.py)")
     parser.add_argument('flags', nargs='*', help='protonet.py flags, after --')
     args = parser.parse_args()
-    result = run_until(args.target, args.flags)
+    with tempfile.TemporaryDirectory() as work:
+        if args.reference:
+            folder = str(Path(work) / 'omniglot_resized')
+            benchmark.write_png_folder(omniglot.prepare(), folder)
+            arguments = ['benchmarks/course_protonet.py', '--folder', folder]
+        else:
+            arguments = ['protonet.py', '--log_dir', work]
+        result = run_until(args.target, arguments + args.flags)
     if result is None:
         print(f'The run ended before validation query accuracy reached {args.target}.')
         sys.exit(1)

@@ -45,3 +45,14 @@ def test_relative_error_catches_a_wrong_gradient_and_tolerates_rounding_noise():
     wrong = [gradients[0] * 1.01, gradients[1]]
     assert benchmark.largest_relative_error(loss, loss, wrong, gradients) == pytest.approx(0.01)
     assert benchmark.largest_relative_error(loss * 1.001, loss, gradients, gradients) > 1e-4
+
+
+def test_time_to_accuracy_stops_at_the_first_validation_at_the_target():
+    import time_to_accuracy
+    lines = ['Iteration 0: loss: 1.0', 'Validation: loss: 1.0, query accuracy: 0.400',
+             'Iteration 50: loss: 0.1', 'Validation: loss: 0.1, query accuracy: 0.990',
+             'Iteration 100: loss: 0.1', 'Validation: loss: 0.1, query accuracy: 0.995']
+    program = ['-c', f'print({chr(10).join(lines)!r})']
+    iteration, seconds = time_to_accuracy.run_until(0.99, program)
+    assert iteration == 50 and seconds >= 0
+    assert time_to_accuracy.run_until(0.999, program) is None
