@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import layers
 import omniglot
 import training
 import util
@@ -61,9 +60,8 @@ def forward(parameters, images):
     Returns:
         logits, shape (examples, num_outputs)
     """
-    x = F.relu(layers.conv_batch_norm(images, parameters['conv0'], parameters['b0']))
-    x = x.contiguous(memory_format=layers.hidden_memory_format(x))
-    for i in range(1, NUM_CONV_LAYERS):
+    x = images
+    for i in range(NUM_CONV_LAYERS):
         x = F.conv2d(x, parameters[f'conv{i}'], parameters[f'b{i}'], stride=1, padding='same')
         x = F.batch_norm(x, None, None, training=True)
         x = F.relu(x)

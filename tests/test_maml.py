@@ -27,7 +27,6 @@ import training
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ['conv0', 'b0', 'conv1', 'b1', 'conv2', 'b2', 'conv3', 'b3', 'w4', 'b4']
 NUM_WAY = 3
-BIASES_BEFORE_BATCH_NORM = ['b0', 'b1', 'b2', 'b3']
 
 
 @pytest.fixture(autouse=True)
@@ -259,13 +258,10 @@ def test_resume_continues_training_exactly(tmp_path):
         assert_dicts_close({k: v.detach() for k, v in final.items()},
                            {k: v.detach() for k, v in getattr(straight, '_' + name).items()},
                            rtol=0, atol=1e-6)
-        # the original assignment's bug: after loading, the parameters no longer moved. The
-        # convolution biases are left out: batch norm follows each, so their gradients are zero
-        # in exact arithmetic (float32 noise, or exactly zero for b0's fused layer).
-        learning = [k for k in final if k not in BIASES_BEFORE_BATCH_NORM]
-        moved = [k for k in learning if not torch.equal(final[k].detach(), checkpoint[name][k])]
-        assert moved == learning, f'{name} that did not change after resuming: ' \
-                                  f'{sorted(set(learning) - set(moved))}'
+        # the original assignment's bug: after loading, the parameters no longer moved
+        moved = [k for k in final if not torch.equal(final[k].detach(), checkpoint[name][k])]
+        assert moved == list(final), f'{name} that did not change after resuming: ' \
+                                     f'{sorted(set(final) - set(moved))}'
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path)).Reload()
