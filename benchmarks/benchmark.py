@@ -195,20 +195,29 @@ def course_maml_forward(parameters, images):
 
 
 def course_maml_outer_step(parameters, task_batch, num_inner_steps, create_graph, device):
-    """The course's MAML._outer_step with its _inner_loop inlined: mean query loss."""
-    outer_loss_batch = []
+    """The course's MAML._outer_step with its _inner_loop inlined: (mean query loss, support
+    accuracies before each step and after the last (one more forward pass), query accuracy),
+    the accuracies averaged over tasks."""
+    outer_loss_batch, accuracies_support, accuracies_query = [], [], []
     for task in task_batch:
         images_support, labels_support, images_query, labels_query = (t.to(device) for t in task)
-        adapted = dict(parameters)
+        adapted, accuracies = dict(parameters), []
         for _ in range(num_inner_steps):
-            loss = F.cross_entropy(course_maml_forward(adapted, images_support), labels_support)
-            gradients = torch.autograd.grad(loss, list(adapted.values()),
-                                            create_graph=create_graph)
+            logits = course_maml_forward(adapted, images_support)
+            accuracies.append(util.score(logits, labels_support))
+            gradients = torch.autograd.grad(F.cross_entropy(logits, labels_support),
+                                            list(adapted.values()), create_graph=create_graph)
             adapted = {key: value - MAML_INNER_LR * gradient
                        for (key, value), gradient in zip(adapted.items(), gradients)}
-        outer_loss_batch.append(
-            F.cross_entropy(course_maml_forward(adapted, images_query), labels_query))
-    return torch.mean(torch.stack(outer_loss_batch))
+        with torch.no_grad():
+            accuracies.append(util.score(course_maml_forward(adapted, images_support),
+                                         labels_support))
+        logits = course_maml_forward(adapted, images_query)
+        outer_loss_batch.append(F.cross_entropy(logits, labels_query))
+        accuracies_support.append(accuracies)
+        accuracies_query.append(util.score(logits, labels_query))
+    return (torch.mean(torch.stack(outer_loss_batch)), np.mean(accuracies_support, axis=0),
+            np.mean(accuracies_query))
 
 
 # ----- measuring -----
@@ -371,8 +380,8 @@ class Bench:
 
         def step():
             optimizer.zero_grad()
-            loss = course_maml_outer_step(parameters, next(batches), num_inner_steps,
-                                          not first_order, self.device)
+            loss, _, _ = course_maml_outer_step(parameters, next(batches), num_inner_steps,
+                                                not first_order, self.device)
             loss.backward()
             optimizer.step()
             loss.item()
@@ -470,7 +479,7 @@ def check_maml(task_batch, num_inner_steps, first_order, device, log_dir):
     def course_step(parameters, batch):
         return loss_and_gradients(course_maml_outer_step(
             dict(zip(learner._meta_parameters, parameters)), batch, num_inner_steps,
-            not first_order, device), parameters)
+            not first_order, device)[0], parameters)
     exact = course_step(float64, in_float64(task_batch))
     return (error_against(loss_and_gradients(learner._outer_step(task_batch, train=True)[0], ours),
                           exact),
@@ -535,7 +544,7 @@ def measure_rows(bench):
     parameters, _ = bench.course_maml()
 
     def course_maml_eval(task_batch):
-        return course_maml_outer_step(parameters, task_batch, 1, False, bench.device)
+        return course_maml_outer_step(parameters, task_batch, 1, False, bench.device)[0]
 
     for name, learner, course_eval, num_support in [
             ('ProtoNet 5w5s', bench.protonet, course_protonet_eval, 5),
