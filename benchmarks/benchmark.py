@@ -449,18 +449,19 @@ def check_protonet(task_batch, device, log_dir):
     learner = protonet.ProtoNet(LEARNING_RATE, log_dir, device)
     ours = [p for conv, norm in zip(learner._network.convs, learner._network.norms)
             for p in (*conv.parameters(), *norm.parameters())]
-    networks = [course_protonet_network().to(device) for _ in range(2)]
-    networks[1].double()
+    reference, exact_reference = (course_protonet_network().to(device) for _ in range(2))
+    exact_reference.double()
     with torch.no_grad():
-        for network in networks:
+        for network in (reference, exact_reference):
             for theirs, mine in zip(network.parameters(), ours, strict=True):
                 theirs.copy_(mine)
-    exact = loss_and_gradients(course_protonet_step(networks[1], in_float64(task_batch),
-                                                    device)[0], networks[1].parameters())
+
+    def course_step(network, batch):
+        return loss_and_gradients(course_protonet_step(network, batch, device)[0],
+                                  network.parameters())
+    exact = course_step(exact_reference, in_float64(task_batch))
     return (error_against(loss_and_gradients(learner._step(task_batch)[0], ours), exact),
-            error_against(loss_and_gradients(course_protonet_step(networks[0], task_batch,
-                                                                  device)[0],
-                                             networks[0].parameters()), exact))
+            error_against(course_step(reference, task_batch), exact))
 
 
 def check_maml(task_batch, num_inner_steps, first_order, device, log_dir):
