@@ -30,9 +30,11 @@ def graded(test_id, title, points, max_seconds):
 
 
 def omniglot_batch(batch_size, num_way, num_support, num_query, seed=0):
-    """A fixed batch of training tasks of the real Omniglot data."""
-    loader = omniglot.get_omniglot_dataloader('train', batch_size, num_way, num_support,
-                                              num_query, batch_size, seed=seed)
+    """A fixed batch of training tasks of the real Omniglot data, asked for with the keywords
+    the assignment's grader uses."""
+    loader = omniglot.get_omniglot_dataloader(
+        split='train', batch_size=batch_size, num_way=num_way, num_support=num_support,
+        num_query=num_query, num_tasks_per_epoch=batch_size, num_workers=1, seed=seed)
     return next(iter(loader))
 
 
@@ -186,22 +188,32 @@ def maml_task(seed=0):
     return images_support, labels_support
 
 
+def check_inner_loop_gradients(train):
+    """_inner_loop's third value read as the assignment's grader reads it, `for grad in
+    gradients`: the tensors torch.autograd.grad returns, one per meta-parameter in
+    _meta_parameters order, requiring grad exactly when train."""
+    model = maml_model()
+    _, _, gradients = model._inner_loop(*maml_task(), train=train)
+    assert isinstance(gradients, (tuple, list)), (
+        f'gradients must be the sequence torch.autograd.grad returns, got a '
+        f'{type(gradients).__name__}')
+    shapes = [tuple(grad.shape) for grad in gradients]
+    expected = [tuple(value.shape) for value in model._meta_parameters.values()]
+    assert shapes == expected, f'gradient shapes {shapes}, expected {expected} (parameter order)'
+    assert all(grad.requires_grad == train for grad in gradients), (
+        f'with train={train}, every gradient must {"" if train else "not "}require grad')
+
+
 @graded('2a-0-basic', 'MAML _inner_loop(train=False): no gradient requires grad',
         points=2, max_seconds=60)
 def test_inner_loop_eval_gradients():
-    _, _, gradients = maml_model()._inner_loop(*maml_task(), train=False)
-    assert set(gradients) == set(MAML_KEYS), f'gradients has keys {sorted(gradients)}'
-    for key, gradient in gradients.items():
-        assert not gradient.requires_grad, f'gradient of {key} requires grad with train=False'
+    check_inner_loop_gradients(train=False)
 
 
 @graded('2a-1-basic', 'MAML _inner_loop(train=True): every gradient requires grad',
         points=2, max_seconds=60)
 def test_inner_loop_train_gradients():
-    _, _, gradients = maml_model()._inner_loop(*maml_task(), train=True)
-    assert set(gradients) == set(MAML_KEYS), f'gradients has keys {sorted(gradients)}'
-    for key, gradient in gradients.items():
-        assert gradient.requires_grad, f'gradient of {key} does not require grad with train=True'
+    check_inner_loop_gradients(train=True)
 
 
 @graded('2a-2-basic', 'MAML _inner_loop: adapted parameter shapes and number of accuracies',
@@ -247,7 +259,7 @@ def test_outer_step_types():
         assert loss.requires_grad == train, f'train={train}: loss.requires_grad is wrong'
         assert isinstance(accuracies_support, np.ndarray) and accuracies_support.shape == (2,), (
             f'support accuracies must be a numpy array of shape (2,), got {accuracies_support!r}')
-        assert isinstance(accuracy_query, np.float64), (
+        assert type(accuracy_query) is np.float64, (
             f'the query accuracy must be a numpy float64, got {type(accuracy_query)}')
 
 

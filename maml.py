@@ -87,17 +87,18 @@ def adapt(parameters, inner_lrs, images, labels, num_steps, create_graph):
     Returns:
         adapted parameters (dict, same shapes)
         support accuracies before each step and after the last, a list of num_steps + 1 floats
-        the last step's gradients (dict, same shapes; empty when num_steps is 0)
+        the last step's gradients: the tuple torch.autograd.grad returns, one tensor per
+            parameter in the dict's order (empty when num_steps is 0)
     """
-    accuracies, gradients = [], {}
+    accuracies, gradients = [], ()
     for _ in range(num_steps):
         logits = forward(parameters, images)
         accuracies.append(util.score(logits, labels))
         loss = F.cross_entropy(logits, labels)
-        gradients = dict(zip(parameters, torch.autograd.grad(
-            loss, list(parameters.values()), create_graph=create_graph)))
-        parameters = {key: value - inner_lrs[key] * gradients[key]
-                      for key, value in parameters.items()}
+        gradients = torch.autograd.grad(loss, list(parameters.values()),
+                                        create_graph=create_graph)
+        parameters = {key: value - inner_lrs[key] * gradient
+                      for (key, value), gradient in zip(parameters.items(), gradients)}
     with torch.no_grad():
         accuracies.append(util.score(forward(parameters, images), labels))
     return parameters, accuracies, gradients
@@ -177,9 +178,9 @@ class MAML(training.MetaLearner):
                 lrs) only when train
             accuracies (list[float]): support set accuracy over the course of
                 the inner loop, length num_inner_steps + 1
-            gradients (dict[str, Tensor]): gradient of loss w.r.t. network parameters at
-                the last inner step, same shapes; they require grad only when train and not
-                first-order
+            gradients (tuple[Tensor]): gradients computed from autograd.grad at the last
+                inner step, one per parameter in _meta_parameters order (empty for zero inner
+                steps); they require grad only when train and not first-order
         """
         with torch.enable_grad():
             if train:

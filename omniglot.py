@@ -187,22 +187,30 @@ def split_generator(seed, split):
     return torch.Generator().manual_seed(int(state))
 
 
-class OmniglotDataset:
+def generator_from_torch_seed():
+    """A CPU generator seeded from torch's global one: repeatable after torch.manual_seed."""
+    return torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
+
+
+class OmniglotDataset(torch.utils.data.Dataset):
     """Omniglot tasks, indexed by a tuple of class indices as in the assignment.
 
     Args:
         num_support (int): number of support examples per class
         num_query (int): number of query examples per class
-        images (torch.Tensor): uint8 images of all classes, shape (1623, 20, 28, 28)
-        generator (torch.Generator): draws which images of each class a task uses
+        images (torch.Tensor): uint8 images of all classes, shape (1623, 20, 28, 28);
+            default: the prepared data set
+        generator (torch.Generator): draws which images of each class a task uses;
+            default: one seeded from torch's global generator
     """
 
     def __init__(self, num_support, num_query, images=None, generator=None):
+        super().__init__()
         self._num_support = num_support
         self._num_query = num_query
         images = torch.from_numpy(prepare()) if images is None else images
         self._images = images.flatten(0, 1)  # (1623 * 20, 28, 28): one row per image
-        self._generator = generator or torch.Generator().manual_seed(0)
+        self._generator = generator or generator_from_torch_seed()
 
     def tasks(self, class_idxs):
         """Builds one task per row of class_idxs: one gather for the support sets, one for the
@@ -242,24 +250,29 @@ class OmniglotDataset:
         return images.view(rows.shape[0], -1, 1, IMAGE_SIZE, IMAGE_SIZE)
 
     def __getitem__(self, class_idxs):
-        return self.tasks(torch.as_tensor([class_idxs]))[0]
+        """The assignment's interface: class_idxs (tuple, list or array of num_way ints) -> one
+        task tuple, as tasks() describes."""
+        return self.tasks(torch.as_tensor(np.asarray(class_idxs)).view(1, -1))[0]
 
 
-class OmniglotSampler:
+class OmniglotSampler(torch.utils.data.Sampler):
     """Draws the classes of tasks: num_way distinct classes of one split, uniformly.
 
     Args:
-        split_idxs (np.ndarray): the split's class indices
+        split_idxs (sequence of int): the split's class indices (an array, or a range as in
+            the assignment)
         num_way (int): classes per task
         num_tasks (int): tasks per epoch, when iterated
-        generator (torch.Generator): the source of randomness
+        generator (torch.Generator): the source of randomness; default: one seeded from
+            torch's global generator
     """
 
-    def __init__(self, split_idxs, num_way, num_tasks, generator):
-        self._split_idxs = torch.as_tensor(split_idxs)
+    def __init__(self, split_idxs, num_way, num_tasks, generator=None):
+        super().__init__()
+        self._split_idxs = torch.as_tensor(np.asarray(split_idxs))
         self._num_way = num_way
         self._num_tasks = num_tasks
-        self._generator = generator
+        self._generator = generator or generator_from_torch_seed()
 
     def sample(self, num_tasks):
         """Class indices of num_tasks tasks, shape (num_tasks, num_way)."""

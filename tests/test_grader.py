@@ -23,3 +23,17 @@ def test_a_wrong_implementation_loses_the_points(capsys, monkeypatch):
     monkeypatch.setattr(grader.protonet, 'prototype_logits', lambda *args: -logits(*args))
     assert grader.run(['1b-0-hidden']) == (0, 8)
     assert 'FAIL: AssertionError' in capsys.readouterr().out
+
+
+def test_gradients_as_a_dict_lose_the_points_of_2a_0_and_2a_1(capsys, monkeypatch):
+    """Our own earlier mistake: a dict iterates over its keys, so `for grad in gradients`
+    (the assignment's grader) meets strings."""
+    adapt = grader.maml.adapt
+
+    def dict_gradients(*args, **kwargs):
+        parameters, accuracies, gradients = adapt(*args, **kwargs)
+        return parameters, accuracies, dict(zip(parameters, gradients))
+
+    monkeypatch.setattr(grader.maml, 'adapt', dict_gradients)
+    assert grader.run(['2a-0-basic', '2a-1-basic']) == (0, 4)
+    assert capsys.readouterr().out.count('FAIL: AssertionError: gradients must be the sequence') == 2

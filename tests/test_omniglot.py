@@ -192,3 +192,32 @@ def test_course_resized_folder_is_accepted(images, character_names, tmp_path, mo
                 folder / f'{j:02d}.png')
     monkeypatch.chdir(tmp_path)
     np.testing.assert_array_equal(omniglot.prepare(tmp_path / 'data'), images)
+
+
+def test_the_assignment_s_dataloader_works_with_our_dataset_and_sampler():
+    """get_omniglot_dataloader of the assignment builds a torch DataLoader from
+    OmniglotDataset(num_support, num_query) and OmniglotSampler(range, num_way, num_tasks)."""
+    torch.manual_seed(0)
+    dataset = omniglot.OmniglotDataset(2, 3)
+    sampler = omniglot.OmniglotSampler(range(1100, 1200), 4, 6)
+    assert isinstance(dataset, torch.utils.data.Dataset)
+    assert isinstance(sampler, torch.utils.data.Sampler) and len(sampler) == 6
+    loader = torch.utils.data.DataLoader(dataset=dataset, batch_size=3, sampler=sampler,
+                                         num_workers=2, collate_fn=list, drop_last=True)
+    batches = list(loader)
+    assert len(batches) == 2 and all(len(batch) == 3 for batch in batches)
+    named = torch.from_numpy(omniglot.prepare())[1100:1200].flatten(0, 1).flatten(1).float()
+    other = torch.from_numpy(omniglot.prepare())[:1100].flatten(0, 1).flatten(1).float()
+    for images_support, labels_support, images_query, labels_query in batches[0]:
+        assert images_support.shape == (8, 1, 28, 28) and images_query.shape == (12, 1, 28, 28)
+        assert labels_support.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+        for image in torch.cat([images_support, images_query]).flatten(1):
+            # an image of the classes the range names (blank-free images are unique enough)
+            assert (named == image).all(-1).any()
+        assert not all((other == image).all(-1).any() for image in images_support.flatten(1))
+    # a numpy key, as the assignment's sampler yields, gives the same task as a tuple
+    torch.manual_seed(1)
+    by_array = omniglot.OmniglotDataset(1, 1)[np.array([3, 1])]
+    torch.manual_seed(1)
+    by_tuple = omniglot.OmniglotDataset(1, 1)[(3, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(by_array, by_tuple))
