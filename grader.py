@@ -1,8 +1,8 @@
 """Unit tests of the algorithms, graded as in the assignment: `python grader.py [test_id]`.
 
 The assignment kept its "hidden" tests secret and compared with the staff solution; here they
-run openly and compare with plain, loop-per-task implementations written below, which share
-nothing with the code under test but the equations.
+run openly and compare with the plain, loop-per-task implementations of reference.py, which
+share nothing with the code under test but the equations.
 """
 import sys
 import tempfile
@@ -11,12 +11,12 @@ from datetime import timedelta
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import maml
 import omniglot
 import protonet
+import reference
+from reference import MAML_KEYS
 
 TESTS = []
 
@@ -38,123 +38,6 @@ def omniglot_batch(batch_size, num_way, num_support, num_query, seed=0):
     return next(iter(loader))
 
 
-# ----- plain reference implementations -----
-def plain_protonet_network(network):
-    """An nn.Sequential of the assignment's layers holding the weights of a ProtoNetNetwork."""
-    layers = []
-    for conv, norm in zip(network.convs, network.norms):
-        batch_norm = nn.BatchNorm2d(conv.out_channels)
-        batch_norm.weight.data.copy_(norm.weight.data)
-        batch_norm.bias.data.copy_(norm.bias.data)
-        layers += [nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding='same'),
-                   batch_norm, nn.ReLU(), nn.MaxPool2d(2)]
-        layers[-4].load_state_dict(conv.state_dict())
-    return nn.Sequential(*layers, nn.Flatten()).train()
-
-
-def reference_protonet_step(network, task_batch):
-    """ProtoNet loss and accuracies, one task at a time, with a plain network.
-
-    Args:
-        network (nn.Module): maps images (n, 1, 28, 28) to latents (n, 64); in train mode
-        task_batch (list of tuple): task tuples as from omniglot.get_omniglot_dataloader
-
-    Returns:
-        mean query loss (0-dim Tensor), mean support accuracy, mean query accuracy (floats)
-    """
-    losses, accuracies_support, accuracies_query = [], [], []
-    for images_support, labels_support, images_query, labels_query in task_batch:
-        latents_support, latents_query = network(images_support), network(images_query)
-        classes = labels_support.unique()
-        prototypes = torch.stack([latents_support[labels_support == c].mean(0) for c in classes])
-
-        def logits(latents):
-            return -((latents[:, None, :] - prototypes[None, :, :]) ** 2).sum(-1)
-
-        losses.append(F.cross_entropy(logits(latents_query), labels_query))
-        accuracies_support.append(
-            (logits(latents_support).argmax(1) == labels_support).float().mean().item())
-        accuracies_query.append(
-            (logits(latents_query).argmax(1) == labels_query).float().mean().item())
-    return torch.stack(losses).mean(), np.mean(accuracies_support), np.mean(accuracies_query)
-
-
-def reference_maml_logits(weights, images):
-    """The MAML network written out layer by layer.
-
-    Args:
-        weights (list of Tensor): [conv0, b0, conv1, b1, conv2, b2, conv3, b3, w4, b4]
-        images (Tensor): shape (n, 1, 28, 28)
-
-    Returns:
-        logits, shape (n, num_outputs)
-    """
-    x = images
-    for layer in range(4):
-        x = F.conv2d(x, weights[2 * layer], weights[2 * layer + 1], padding=1)
-        x = F.relu(F.batch_norm(x, None, None, training=True))
-    return x.mean(dim=(2, 3)) @ weights[8].t() + weights[9]
-
-
-def reference_maml_adapt(weights, learning_rates, images, labels, num_steps, create_graph):
-    """Plain gradient descent on one task's support loss.
-
-    Returns:
-        adapted weights (list), support accuracies before each step and after the last (list)
-    """
-    accuracies = []
-    for _ in range(num_steps):
-        logits = reference_maml_logits(weights, images)
-        accuracies.append((logits.argmax(1) == labels).float().mean().item())
-        gradients = torch.autograd.grad(F.cross_entropy(logits, labels), weights,
-                                        create_graph=create_graph)
-        weights = [w - lr * g for w, lr, g in zip(weights, learning_rates, gradients)]
-    logits = reference_maml_logits(weights, images)
-    accuracies.append((logits.argmax(1) == labels).float().mean().item())
-    return weights, accuracies
-
-
-def reference_maml_step(weights, learning_rates, task_batch, num_steps):
-    """Second-order MAML loss and accuracies, one task at a time.
-
-    Args:
-        weights (list of Tensor): leaf tensors that require grad, in the order of
-            reference_maml_logits
-        learning_rates (list of float): inner learning rate of each weight
-        task_batch (list of tuple): task tuples as from omniglot.get_omniglot_dataloader
-        num_steps (int): inner steps
-
-    Returns:
-        mean query loss (0-dim Tensor, with grad), support accuracies averaged over tasks
-        (numpy array of shape (num_steps + 1,)), mean query accuracy (float)
-    """
-    losses, accuracies_support, accuracies_query = [], [], []
-    for images_support, labels_support, images_query, labels_query in task_batch:
-        adapted, accuracies = reference_maml_adapt(weights, learning_rates, images_support,
-                                                   labels_support, num_steps, create_graph=True)
-        logits = reference_maml_logits(adapted, images_query)
-        losses.append(F.cross_entropy(logits, labels_query))
-        accuracies_support.append(accuracies)
-        accuracies_query.append((logits.argmax(1) == labels_query).float().mean().item())
-    return (torch.stack(losses).mean(), np.mean(accuracies_support, axis=0),
-            np.mean(accuracies_query))
-
-
-def to_float64(thing):
-    """A MAML (its meta-parameters converted in place) or a task batch, in float64."""
-    if isinstance(thing, maml.MAML):
-        for value in [*thing._meta_parameters.values(), *thing._inner_lrs.values()]:
-            value.data = value.data.double()
-        return thing
-    return [tuple(t.double() if t.is_floating_point() else t for t in task) for task in thing]
-
-
-def reference_maml_weights(model):
-    """Copies of a MAML's meta-parameters as a list of leaf tensors that require grad."""
-    return [model._meta_parameters[key].detach().clone().requires_grad_() for key in
-            ['conv0', 'b0', 'conv1', 'b1', 'conv2', 'b2', 'conv3', 'b3', 'w4', 'b4']]
-
-
 # ----- the graded tests -----
 @graded('1b-0-hidden', 'ProtoNet _step: loss and accuracies equal a plain implementation',
         points=8, max_seconds=60)
@@ -164,14 +47,11 @@ def test_protonet_step():
         model = protonet.ProtoNet(0.001, log_dir, 'cpu')
     task_batch = omniglot_batch(batch_size=4, num_way=5, num_support=5, num_query=15)
     loss, accuracy_support, accuracy_query = model._step(task_batch)
-    expected = reference_protonet_step(plain_protonet_network(model._network), task_batch)
+    expected = reference.protonet_step(reference.protonet_network_like(model._network), task_batch)
     assert loss.dim() == 0 and loss.requires_grad, 'the loss must be a 0-dim tensor with grad'
     assert isinstance(accuracy_support, np.float64) and isinstance(accuracy_query, np.float64)
     torch.testing.assert_close(loss, expected[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose([accuracy_support, accuracy_query], expected[1:], atol=1e-12)
-
-
-MAML_KEYS = ['conv0', 'b0', 'conv1', 'b1', 'conv2', 'b2', 'conv3', 'b3', 'w4', 'b4']
 
 
 def maml_model():
@@ -237,14 +117,15 @@ def test_inner_loop_values():
     for seed in range(2):
         images, labels = maml_task(seed)
         images = images.double()
-        model = to_float64(maml_model())
-        inner_lrs = [model._inner_lrs[key].item() for key in MAML_KEYS]  # 0.4 as float32 holds it
-        expected, expected_accuracies = reference_maml_adapt(
-            reference_maml_weights(model), inner_lrs, images, labels, 1, create_graph=False)
+        model = reference.maml_in_float64(maml_model())
+        inner_lrs = {key: lr.item() for key, lr in model._inner_lrs.items()}  # float32's 0.4
+        expected, expected_accuracies, _ = reference.maml_adapt(
+            reference.leaf_copies(model._meta_parameters), inner_lrs, images, labels, 1,
+            create_graph=False)
         for train in (False, True):
             parameters, accuracies, _ = model._inner_loop(images, labels, train=train)
-            for key, value in zip(MAML_KEYS, expected):
-                torch.testing.assert_close(parameters[key].detach(), value.detach(),
+            for key in MAML_KEYS:
+                torch.testing.assert_close(parameters[key].detach(), expected[key].detach(),
                                            rtol=1e-9, atol=1e-12, msg=lambda m: f'{key}: {m}')
             np.testing.assert_allclose(accuracies, expected_accuracies, atol=1e-12)
 
@@ -268,19 +149,21 @@ def test_outer_step_types():
 def test_outer_step_values():
     task_batch = omniglot_batch(batch_size=4, num_way=5, num_support=1, num_query=15)
     model = maml_model()
-    weights = reference_maml_weights(model)
-    expected = reference_maml_step(weights, [0.4] * 10, task_batch, num_steps=1)
+    inner_lrs = dict.fromkeys(MAML_KEYS, 0.4)
+    expected = reference.maml_outer_step(reference.leaf_copies(model._meta_parameters),
+                                         inner_lrs, task_batch, num_steps=1)
     loss, accuracies_support, accuracy_query = model._outer_step(task_batch, train=True)
     torch.testing.assert_close(loss, expected[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(accuracies_support, expected[1], atol=1e-12)
     np.testing.assert_allclose(accuracy_query, expected[2], atol=1e-12)
     # The meta-gradient, through the inner gradient (second order), matches too: in float64,
     # since float32 second derivatives through batch norm on 5 images keep only ~3 digits.
-    model_64, batch_64 = to_float64(maml_model()), to_float64(task_batch)
-    weights = reference_maml_weights(model_64)
+    model_64 = reference.maml_in_float64(maml_model())
+    batch_64 = reference.to_float64(task_batch)
+    weights = reference.leaf_copies(model_64._meta_parameters)
     model_64._outer_step(batch_64, train=True)[0].backward()
-    reference_maml_step(weights, [0.4] * 10, batch_64, num_steps=1)[0].backward()
-    for key, weight in zip(MAML_KEYS, weights):
+    reference.maml_outer_step(weights, inner_lrs, batch_64, num_steps=1)[0].backward()
+    for key, weight in weights.items():
         torch.testing.assert_close(model_64._meta_parameters[key].grad, weight.grad,
                                    rtol=1e-6, atol=1e-9, msg=lambda m: f'd loss / d {key}: {m}')
     with torch.no_grad():

@@ -1,15 +1,37 @@
-"""ProtoNet's first layer, convolution then batch norm, as one matrix product.
+"""Layers the learners share: batch norm with each task's own statistics, and ProtoNet's first
+layer, convolution then batch norm, as one matrix product.
 
 A 'same' convolution maps each input patch (with a constant 1 for the bias) linearly to its
 output, and batch norm with the batch's own statistics maps each channel affinely, so the two
-fold into one (channels, patch size + 1) matrix applied to the patches. For the first layer the
+fold into one (channels, patch size + 1) matrix applied to the patches. For a first layer the
 patch is small (1 input channel, 3x3: 9 + 1 numbers) while the output is large (64 channels
 at 28x28), so this replaces a convolution, its weight gradient and two batch-norm passes over
-the large output by one product and its transpose (README, Speed). MAML's first layer (32
-channels, then three more 28x28 layers) measured no faster with it and keeps the plain ops.
+the large output by one product and its transpose (benchmarks/README.md measures it).
 """
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+
+class TaskBatchNorm(nn.Module):
+    """Batch norm that uses the statistics of each task separately (no running statistics).
+
+    Equal to nn.BatchNorm in train mode applied to one task at a time.
+    """
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.eps = eps
+
+    def normalize(self, x):
+        """x: one task's (examples, channels, *spatial) -> same shape, with its own statistics."""
+        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+
+    def forward(self, x):
+        """x: (num_tasks, examples, channels, *spatial) -> same shape, normalised per task."""
+        return torch.stack([self.normalize(task) for task in x])
 
 
 def conv_batch_norm(images, weight, bias, norm_weight=None, norm_bias=None, eps=1e-5):
@@ -65,10 +87,8 @@ def fused_affine(patches, weight, bias, norm_weight, norm_bias, eps):
 def hidden_memory_format(x):
     """The memory format for the layers after the first, given an activation x.
 
-    channels_last under bfloat16 autocast: convolutions and max pooling run faster in it on
-    this CPU (and on GPU tensor cores). NCHW in float32: CPU batch norm in channels_last sums
-    its statistics less accurately (ProtoNet's gradients moved about 100x further from float64,
-    MAML's meta-gradient 20x).
+    channels_last under bfloat16 autocast, where convolutions and max pooling run faster; NCHW
+    in float32, because CPU batch norm in channels_last sums its statistics less accurately.
     """
     return (torch.channels_last if torch.is_autocast_enabled(x.device.type)
             else torch.contiguous_format)

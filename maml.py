@@ -113,7 +113,8 @@ class MAML(training.MetaLearner):
     TEST_METRIC = 'post_adapt_query'
 
     def __init__(self, num_outputs, num_inner_steps, inner_lr, learn_inner_lrs, outer_lr,
-                 log_dir, device, first_order=False, val_interval=None, save_interval=None):
+                 log_dir, device, first_order=False, val_interval=None, save_interval=None,
+                 amp='none'):
         """Inits MAML.
 
         The network's weights are stored as a dict of leaf tensors, `_meta_parameters`, and the
@@ -132,8 +133,9 @@ class MAML(training.MetaLearner):
             device (str or torch.device): device to be used
             first_order (bool): first-order MAML: no gradient through the inner gradients
             val_interval, save_interval (int): steps between validations / checkpoints
+            amp (str): 'bf16' for bfloat16 autocast (--amp), 'none' for float32
         """
-        super().__init__(log_dir, device, val_interval, save_interval)
+        super().__init__(log_dir, device, val_interval, save_interval, amp=amp)
         self._meta_parameters = {key: value.to(device).requires_grad_()
                                  for key, value in init_parameters(num_outputs).items()}
         self._inner_lrs = {key: torch.tensor(float(inner_lr), device=device,
@@ -148,18 +150,8 @@ class MAML(training.MetaLearner):
         self.architecture = f'maml/conv{NUM_CONV_LAYERS}x{NUM_HIDDEN_CHANNELS}/{num_outputs}-way'
 
     def _forward(self, images, parameters):
-        """Computes predicted classification logits.
-
-        Args:
-            images (Tensor): batch of Omniglot images
-                shape (num_images, channels, height, width)
-            parameters (dict[str, Tensor]): parameters to use for
-                the computation
-
-        Returns:
-            a Tensor consisting of a batch of logits
-                shape (num_images, classes)
-        """
+        """The assignment's interface to forward(parameters, images): logits (num_images,
+        classes) of images (num_images, channels, height, width)."""
         return forward(parameters, images)
 
     def _inner_loop(self, images, labels, train):
@@ -194,20 +186,14 @@ class MAML(training.MetaLearner):
                                                       self._num_inner_steps, create_graph=False)
         return {key: value.detach() for key, value in parameters.items()}, accuracies, gradients
 
-    def _tasks(self, task_batch, train):
-        """The MAML objective on each task of a batch, one task at a time: on this 2-core CPU a
-        loop beat all tasks in one grouped convolution (3.7-4.0 s against 5.4-7.0 s per
-        5-way 1-shot batch of 16, one thread), so the loop it is.
-
-        Args:
-            task_batch (list of tuple): each tuple is (images_support (N*K, 1, 28, 28),
-                labels_support (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,))
-            train (bool): whether we are training or evaluating
+    def _evaluate(self, task_batch, train):
+        """The MAML objective on each task of a batch, one task at a time; task_batch and
+        train as _outer_step takes them.
 
         Returns:
             mean query loss over the tasks, a 0-dim Tensor (with grad only when train)
-            support accuracies, numpy array of shape (num_tasks, num_inner_steps + 1)
-            query accuracies after adaptation, numpy array of shape (num_tasks,)
+            {metric key: numpy array}: 'support_per_step' of shape (num_tasks, num_inner_steps
+                + 1), and the METRICS keys of shape (num_tasks,)
         """
         losses, accuracies_support, accuracies_query = [], [], []
         for task in task_batch:
@@ -215,15 +201,19 @@ class MAML(training.MetaLearner):
                 part.to(self._device) for part in task)
             parameters, accuracies, _ = self._inner_loop(images_support, labels_support, train)
             with torch.set_grad_enabled(train):
-                logits = self._forward(images_query, parameters)
+                logits = forward(parameters, images_query)
                 losses.append(F.cross_entropy(logits, labels_query))
             accuracies_support.append(accuracies)
             accuracies_query.append(util.score(logits, labels_query))
-        return (torch.stack(losses).mean(), np.array(accuracies_support, dtype=np.float64),
-                np.array(accuracies_query, dtype=np.float64))
+        accuracies_support = np.array(accuracies_support, dtype=np.float64)
+        return torch.stack(losses).mean(), {
+            'support_per_step': accuracies_support,
+            'pre_adapt_support': accuracies_support[:, 0],
+            'post_adapt_support': accuracies_support[:, -1],
+            'post_adapt_query': np.array(accuracies_query, dtype=np.float64)}
 
     def _outer_step(self, task_batch, train):
-        """Computes the MAML loss and metrics on a batch of tasks.
+        """The assignment's interface to _evaluate: the MAML loss and metrics of a batch.
 
         Args:
             task_batch (list of tuple): each tuple is (images_support (N*K, 1, 28, 28),
@@ -238,16 +228,8 @@ class MAML(training.MetaLearner):
             accuracy_query (float64): query set accuracy of the adapted
                 parameters, averaged over the task batch
         """
-        loss, accuracies_support, accuracies_query = self._tasks(task_batch, train)
-        return loss, accuracies_support.mean(axis=0), accuracies_query.mean()
-
-    def _evaluate(self, task_batch, train):
-        """The shared loop's view of _outer_step: (mean query loss, 0-dim Tensor;
-        {metric key: numpy array of shape (num_tasks,)})."""
-        loss, accuracies_support, accuracies_query = self._tasks(task_batch, train)
-        return loss, {'pre_adapt_support': accuracies_support[:, 0],
-                      'post_adapt_support': accuracies_support[:, -1],
-                      'post_adapt_query': accuracies_query}
+        loss, metrics = self._evaluate(task_batch, train)
+        return loss, metrics['support_per_step'].mean(axis=0), metrics['post_adapt_query'].mean()
 
     def _log_extra(self, writer, step):
         if self._learn_inner_lrs:
@@ -299,9 +281,12 @@ def main(args):
     if args.num_inner_steps < 0:
         raise util.UserError(f'--num_inner_steps must be 0 or more, got {args.num_inner_steps}')
     util.check_positive(inner_lr=args.inner_lr, outer_lr=args.outer_lr)
-    omniglot.run(args, lambda log_dir, device: MAML(
-        args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs, args.outer_lr,
-        log_dir, device, args.first_order), default_log_dir)
+    training.main(args, omniglot.OmniglotTasks(args.num_way, args.num_support, args.num_query,
+                                               args.seed),
+                  lambda log_dir, device: MAML(
+                      args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs,
+                      args.outer_lr, log_dir, device, args.first_order, amp=args.amp),
+                  default_log_dir(args))
 
 
 if __name__ == '__main__':

@@ -18,7 +18,8 @@ from rdkit import Chem, rdBase
 from rdkit.Chem import rdFingerprintGenerator
 from tqdm import tqdm
 
-import omniglot
+import tasks
+import util
 from util import UserError, check_positive
 
 TRAIN_SETS = ('CYP1A2_Veith', 'CYP3A4_Veith', 'CYP2D6_Veith', 'CYP2C9_Substrate_CarbonMangels',
@@ -57,7 +58,7 @@ def find_table(datadir, name):
 
 def fetch_tables(datadir):
     """{name: path} of the 8 raw files in datadir, downloading the missing ones into it."""
-    base, official = omniglot.source_url(MIRROR_VARIABLE, OFFICIAL_URL)
+    base, official = util.source_url(MIRROR_VARIABLE, OFFICIAL_URL)
     missing = [name for name in ALL_SETS if find_table(datadir, name) is None]
     if missing:
         Path(datadir).mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,7 @@ def fetch_tables(datadir):
         url = f'{base}/{DATAVERSE_IDS[name]}' if official else f'{base}/{path.name}'
         fix = (f'set {MIRROR_VARIABLE} to a folder or file:// URL holding the TDC files of '
                f"{', '.join(missing[i:])} (named like {path.name}), or put them in {datadir}")
-        omniglot.download(url, path, fix=fix)
+        util.download(url, path, fix=fix)
     return {name: find_table(datadir, name) for name in ALL_SETS}
 
 
@@ -213,7 +214,7 @@ def checked(data, path):
     return result
 
 
-# ----- sampling tasks -----
+# ----- sampling tasks (tasks.py: the contract) -----
 class MetabolismDataset:
     """Binary tasks of one split, indexed by data set: a task draws distinct molecules per class.
 
@@ -310,13 +311,40 @@ def metabolism_task_loader(data, split, batch_size, num_way, num_support, num_qu
     names = SPLIT_SETS[split]
     check_task_shape(data, names, num_way, num_support, num_query)
     check_positive(batch_size=batch_size)
-    generator = omniglot.split_generator(seed, split)
+    generator = tasks.split_generator(seed, split)
     features = [torch.from_numpy(data[name]['feature']).to(device) for name in names]
     labels = [torch.from_numpy(data[name]['label']).to(device) for name in names]
     dataset = MetabolismDataset(features, labels, num_support, num_query, generator)
     sampler = MetabolismSampler(len(names), generator)
-    return omniglot.TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size,
-                               generator)
+    return tasks.TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size,
+                            generator)
+
+
+class MetabolismTasks:
+    """TDC Metabolism as the one main body (training.main) samples it: a task source (tasks.py).
+
+    The task shape is checked here, before any data is loaded or downloaded.
+
+    Args:
+        datadir (str): folder of metabolism_data_new.pkl or the raw TDC files
+        num_way, num_support, num_query (int): the task shape
+        seed (int): seeds the task stream of every split
+    """
+
+    def __init__(self, datadir, num_way, num_support, num_query, seed=0):
+        check_task_flags(num_way, num_support, num_query)
+        self._datadir = datadir
+        self._shape = (num_way, num_support, num_query)
+        self._seed = seed
+        self._data = None
+
+    def prepare(self):
+        self._data = load_metabolism(self._datadir)
+        return f'The metabolism data is ready in {self._datadir}.'
+
+    def loader(self, split, batch_size, num_tasks, device):
+        return metabolism_task_loader(self._data, split, batch_size, *self._shape, num_tasks,
+                                      seed=self._seed, device=device)
 
 
 def get_metabolism_dataloader(datadir, split, batch_size, num_way, num_support, num_query,
@@ -324,4 +352,3 @@ def get_metabolism_dataloader(datadir, split, batch_size, num_way, num_support, 
     """Loads (or builds) the data in datadir and returns metabolism_task_loader's TaskLoader."""
     return metabolism_task_loader(load_metabolism(datadir), split, batch_size, num_way,
                                   num_support, num_query, num_tasks_per_epoch, seed, device)
-

@@ -4,11 +4,8 @@ The whole data set lives in one uint8 tensor of shape (1623, 20, 28, 28) (stroke
 training device, and a task is one indexing operation: no PNG decoding, no file globbing.
 """
 import functools
-import hashlib
 import io
 import os
-import urllib.error
-import urllib.request
 import zipfile
 from collections import defaultdict
 from pathlib import Path
@@ -18,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import training
+import tasks
 import util
 from util import UserError
 
@@ -30,65 +27,32 @@ NUM_CLASSES = NUM_TRAIN_CLASSES + NUM_VAL_CLASSES + NUM_TEST_CLASSES
 NUM_ALPHABETS = 50
 IMAGE_SIZE = 28
 
-DATA_DIR = os.environ.get('OMNIGLOT_DIR', os.path.join('data', 'omniglot'))
 CACHE_NAME = 'omniglot28.npy'
 RESIZED_DIR = 'omniglot_resized'  # the course's pre-resized folder, used if a user has it
 OFFICIAL_URL = 'https://github.com/brendenlake/omniglot/raw/master/python'
 # The official archives' md5 sums, as published with the data set (torchvision checks the same).
 OFFICIAL_MD5 = {'images_background.zip': '68d2efa1b9178cc56df9314c21c6e718',
                 'images_evaluation.zip': '6b91aef0f799c5bb55b94e3f2daec811'}
-SPLITS = {'train': 0, 'val': 1, 'test': 2}
+SPLITS = tasks.SPLIT_NUMBERS  # train, val, test: their order in the shuffled characters
 MIRROR_FIX = 'set OMNIGLOT_MIRROR to a folder or file:// URL holding the two official zips'
 
 
 # ----- getting the data -----
-def download(url, path, md5=None, fix=MIRROR_FIX):
-    """Downloads url to path with a progress bar; checks md5 if given; never leaves a partial file.
-
-    fix ends the error message: how the user can supply the file another way.
-    """
-    tmp = path.with_name(path.name + '.part')
-    try:
-        with urllib.request.urlopen(url) as response, open(tmp, 'wb') as out:
-            size = int(response.headers.get('Content-Length') or 0) or None
-            digest = hashlib.md5()
-            with tqdm(total=size, unit='B', unit_scale=True, desc=path.name) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        if md5 is not None and digest.hexdigest() != md5:
-            raise UserError(f'{url} has md5 {digest.hexdigest()}, expected {md5}: the download is '
-                            f'corrupt or not the official file; run again, or {fix}')
-        os.replace(tmp, path)
-    except (urllib.error.URLError, OSError) as error:
-        raise UserError(f'could not download {url} ({error}); check the network, '
-                        f'or {fix}') from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def source_url(variable='OMNIGLOT_MIRROR', official_url=OFFICIAL_URL):
-    """(base URL, is official): official_url, or the mirror named by the environment variable
-    (a folder or a URL)."""
-    mirror = os.environ.get(variable)
-    if not mirror:
-        return official_url, True
-    if '://' not in mirror:
-        mirror = Path(mirror).resolve().as_uri()
-    return mirror.rstrip('/'), False
+def data_dir():
+    """Where the zips and the cache live: $OMNIGLOT_DIR, else data/omniglot (read at call time)."""
+    return os.environ.get('OMNIGLOT_DIR', os.path.join('data', 'omniglot'))
 
 
 def fetch_zips(data_dir):
     """Returns the paths of the two zips in data_dir, downloading the missing ones."""
-    base, official = source_url()
+    base, official = util.source_url('OMNIGLOT_MIRROR', OFFICIAL_URL)
     paths = []
     for name, md5 in OFFICIAL_MD5.items():
         path = Path(data_dir) / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             # A mirror may repack the archives; its content is checked by read_zip instead.
-            download(f'{base}/{name}', path, md5 if official else None)
+            util.download(f'{base}/{name}', path, md5 if official else None, MIRROR_FIX)
         paths.append(path)
     return paths
 
@@ -141,13 +105,15 @@ def validate(characters, source):
                             f'expected {NUM_SAMPLES_PER_CLASS}: {fix}')
 
 
-def prepare(data_dir=DATA_DIR):
+def prepare(folder=None):
     """Returns all images as a uint8 array (1623, 20, 28, 28), characters sorted by path.
 
-    Loads the cache if present; otherwise reads the course's omniglot_resized folder if the
-    user has one, else the two zips (downloading them), then writes the cache atomically.
+    Loads the cache in folder (default: data_dir()) if present; otherwise reads the course's
+    omniglot_resized folder if the user has one, else the two zips (downloading them), then
+    writes the cache atomically.
     """
-    cache = Path(data_dir) / CACHE_NAME
+    folder = folder or data_dir()
+    cache = Path(folder) / CACHE_NAME
     if cache.exists():
         images = np.load(cache)
         if images.shape == (NUM_CLASSES, NUM_SAMPLES_PER_CLASS, IMAGE_SIZE, IMAGE_SIZE):
@@ -157,7 +123,7 @@ def prepare(data_dir=DATA_DIR):
     if Path(RESIZED_DIR).is_dir():
         characters, source = read_resized_folder(RESIZED_DIR), RESIZED_DIR
     else:
-        paths = fetch_zips(data_dir)
+        paths = fetch_zips(folder)
         characters, source = {}, ' and '.join(str(path) for path in paths)
         for path in paths:
             characters.update(read_zip(path))
@@ -180,18 +146,7 @@ def split_classes(split):
     return order[bounds[SPLITS[split]]:bounds[SPLITS[split] + 1]]
 
 
-# ----- sampling tasks -----
-def split_generator(seed, split):
-    """An independent CPU generator for each (seed, split): same seed, same tasks, any device."""
-    state = np.random.SeedSequence([seed, SPLITS.get(split, 99)]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def generator_from_torch_seed():
-    """A CPU generator seeded from torch's global one: repeatable after torch.manual_seed."""
-    return torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
-
-
+# ----- sampling tasks (tasks.py: the contract) -----
 class OmniglotDataset(torch.utils.data.Dataset):
     """Omniglot tasks, indexed by a tuple of class indices as in the assignment.
 
@@ -210,7 +165,7 @@ class OmniglotDataset(torch.utils.data.Dataset):
         self._num_query = num_query
         images = torch.from_numpy(prepare()) if images is None else images
         self._images = images.flatten(0, 1)  # (1623 * 20, 28, 28): one row per image
-        self._generator = generator or generator_from_torch_seed()
+        self._generator = generator or tasks.generator_from_torch_seed()
 
     def tasks(self, class_idxs):
         """Builds one task per row of class_idxs: one gather for the support sets, one for the
@@ -250,8 +205,7 @@ class OmniglotDataset(torch.utils.data.Dataset):
         return images.view(rows.shape[0], -1, 1, IMAGE_SIZE, IMAGE_SIZE)
 
     def __getitem__(self, class_idxs):
-        """The assignment's interface: class_idxs (tuple, list or array of num_way ints) -> one
-        task tuple, as tasks() describes."""
+        """The assignment's interface to tasks(): class_idxs (num_way ints) -> one task tuple."""
         return self.tasks(torch.as_tensor(np.asarray(class_idxs)).view(1, -1))[0]
 
 
@@ -272,7 +226,7 @@ class OmniglotSampler(torch.utils.data.Sampler):
         self._split_idxs = torch.as_tensor(np.asarray(split_idxs))
         self._num_way = num_way
         self._num_tasks = num_tasks
-        self._generator = generator or generator_from_torch_seed()
+        self._generator = generator or tasks.generator_from_torch_seed()
 
     def sample(self, num_tasks):
         """Class indices of num_tasks tasks, shape (num_tasks, num_way)."""
@@ -281,37 +235,11 @@ class OmniglotSampler(torch.utils.data.Sampler):
         return self._split_idxs[scores.topk(self._num_way, largest=False).indices]
 
     def __iter__(self):
+        """The assignment's interface to sample(): num_tasks tuples of num_way class indices."""
         return (tuple(row.tolist()) for row in self.sample(self._num_tasks))
 
     def __len__(self):
         return self._num_tasks
-
-
-class TaskLoader:
-    """Batches of tasks: a batch is a list of batch_size task tuples.
-
-    Its state (the generator's) goes into checkpoints, so a resumed run draws the same tasks.
-    """
-
-    def __init__(self, dataset, sampler, batch_size, num_batches, generator):
-        self._dataset = dataset
-        self._sampler = sampler
-        self._batch_size = batch_size
-        self._num_batches = num_batches
-        self._generator = generator
-
-    def __iter__(self):
-        for _ in range(self._num_batches):
-            yield self._dataset.tasks(self._sampler.sample(self._batch_size))
-
-    def __len__(self):
-        return self._num_batches
-
-    def state_dict(self):
-        return {'generator': self._generator.get_state()}
-
-    def load_state_dict(self, state):
-        self._generator.set_state(state['generator'].cpu())
 
 
 def check_task_shape(num_way, num_support, num_query, num_classes, split):
@@ -347,32 +275,29 @@ def get_omniglot_dataloader(split, batch_size, num_way, num_support, num_query,
     check_task_shape(num_way, num_support, num_query, len(split_idxs), split)
     if batch_size < 1:
         raise UserError(f'--batch_size must be at least 1, got {batch_size}')
-    generator = split_generator(seed, split)
+    generator = tasks.split_generator(seed, split)
     dataset = OmniglotDataset(num_support, num_query, images_on(str(device)), generator)
     sampler = OmniglotSampler(split_idxs, num_way, num_tasks_per_epoch, generator)
-    return TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size, generator)
+    return tasks.TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size,
+                            generator)
 
 
-def run(args, build_learner, default_log_dir):
-    """The body of protonet.py's and maml.py's main(): Omniglot, log dir, seed, then train or test.
+class OmniglotTasks:
+    """Omniglot as the one main body (training.main) samples it: a task source (tasks.py).
 
     Args:
-        args (argparse.Namespace): parsed flags (training.add_common_args and the script's own)
-        build_learner (callable): (log_dir, device) -> training.MetaLearner
-        default_log_dir (callable): args -> the log dir named after the flags
+        num_way, num_support, num_query (int): the task shape
+        seed (int): seeds the task stream of every split
     """
-    device = util.get_device(args.device)
-    if args.cache:
+
+    def __init__(self, num_way, num_support, num_query, seed=0):
+        self._shape = (num_way, num_support, num_query)
+        self._seed = seed
+
+    def prepare(self):
         prepare()
-        print(f'Omniglot is ready in {DATA_DIR}.')
-        return
-    log_dir = args.log_dir or default_log_dir(args)
-    print(f'log_dir: {log_dir}')
-    util.seed_everything(args.seed)
-    learner = build_learner(log_dir, device)
+        return f'Omniglot is ready in {data_dir()}.'
 
-    def get_dataloader(split, batch_size, num_tasks):
-        return get_omniglot_dataloader(split, batch_size, args.num_way, args.num_support,
-                                       args.num_query, num_tasks, seed=args.seed, device=device)
-
-    training.run(args, learner, get_dataloader)
+    def loader(self, split, batch_size, num_tasks, device):
+        return get_omniglot_dataloader(split, batch_size, *self._shape, num_tasks,
+                                       seed=self._seed, device=device)

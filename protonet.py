@@ -17,33 +17,12 @@ KERNEL_SIZE = 3
 NUM_CONV_LAYERS = 4
 
 
-class TaskBatchNorm(nn.Module):
-    """Batch norm that uses the statistics of each task separately (no running statistics).
-
-    Equal to nn.BatchNorm in train mode applied to one task at a time.
-    """
-
-    def __init__(self, num_features, eps=1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.eps = eps
-
-    def normalize(self, x):
-        """x: one task's (examples, channels, *spatial) -> same shape, with its own statistics."""
-        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-
-    def forward(self, x):
-        """x: (num_tasks, examples, channels, *spatial) -> same shape, normalised per task."""
-        return torch.stack([self.normalize(task) for task in x])
-
-
 class ProtoNetNetwork(nn.Module):
     """Container for ProtoNet weights and image-to-latent computation.
 
     4 blocks of [conv 3x3 -> batch norm -> ReLU -> max pool 2]: 28 -> 14 -> 7 -> 3 -> 1.
-    The tasks go through one at a time: on a CPU, one task's activations stay in cache, which
-    made this faster than one batched call (grouped convolution over all tasks; README, Speed).
+    The tasks go through one at a time, each with its own batch statistics (on a CPU one task's
+    activations stay in cache; benchmarks/README.md measured the batched alternative).
     """
 
     def __init__(self):
@@ -51,14 +30,14 @@ class ProtoNetNetwork(nn.Module):
         channels = [NUM_INPUT_CHANNELS] + [NUM_HIDDEN_CHANNELS] * NUM_CONV_LAYERS
         self.convs = nn.ModuleList(nn.Conv2d(c_in, c_out, KERNEL_SIZE, padding='same')
                                    for c_in, c_out in zip(channels, channels[1:]))
-        self.norms = nn.ModuleList(TaskBatchNorm(c) for c in channels[1:])
+        self.norms = nn.ModuleList(layers.TaskBatchNorm(c) for c in channels[1:])
 
     def embed(self, images):
         """One task's images (examples, channels, height, width) -> latents (examples, 64).
 
         The first convolution and its batch norm are one matrix product (layers.py), whose
-        channels_last output CPU max pooling handles about 10x faster than NCHW; the later
-        layers run in NCHW, where CPU batch norm sums accurately. Max pooling runs before the
+        output is channels_last, where CPU max pooling is fast; the later layers run in NCHW,
+        where CPU batch norm sums accurately. Max pooling runs before the
         ReLU: both are monotone, so the values (and the gradient, max pooling's first index
         included) are the same as ReLU then pooling, for a quarter of the ReLU's work.
         """
@@ -115,7 +94,7 @@ class ProtoNet(training.MetaLearner):
     TEST_METRIC = 'query'
 
     def __init__(self, learning_rate, log_dir, device, compile=False, backend=None, learner=None,
-                 val_interval=None, save_interval=None, bio=False):
+                 val_interval=None, save_interval=None, bio=False, amp='none'):
         """Inits ProtoNet.
 
         Args:
@@ -128,8 +107,9 @@ class ProtoNet(training.MetaLearner):
                 to (num_tasks, examples, latents) with per-task batch statistics
             val_interval, save_interval (int): steps between validations / checkpoints
             bio (bool): molecule data: validation also reports its 95% interval
+            amp (str): 'bf16' for bfloat16 autocast (--amp), 'none' for float32
         """
-        super().__init__(log_dir, device, val_interval, save_interval, val_ci95=bio)
+        super().__init__(log_dir, device, val_interval, save_interval, val_ci95=bio, amp=amp)
         self._network = (learner or ProtoNetNetwork()).to(device)
         self.architecture = f'protonet/{type(self._network).__name__}'
         self._forward = (torch.compile(self._network, backend=backend or 'inductor')
@@ -152,7 +132,7 @@ class ProtoNet(training.MetaLearner):
                       'query': util.accuracy_per_task(logits_query, labels_query)}
 
     def _step(self, task_batch):
-        """Computes ProtoNet mean loss (and accuracy) on a batch of tasks.
+        """The assignment's interface to _evaluate: ProtoNet mean loss and accuracies of a batch.
 
         Args:
             task_batch (list of tuple): each tuple is (images_support (N*K, 1, 28, 28),
@@ -193,9 +173,11 @@ def add_protonet_args(parser, num_train_iterations):
 def main(args):
     training.check_common_args(args)
     util.check_positive(learning_rate=args.learning_rate)
-    omniglot.run(args, lambda log_dir, device: ProtoNet(args.learning_rate, log_dir, device,
-                                                        args.compile, args.backend),
-                 default_log_dir)
+    training.main(args, omniglot.OmniglotTasks(args.num_way, args.num_support, args.num_query,
+                                               args.seed),
+                  lambda log_dir, device: ProtoNet(args.learning_rate, log_dir, device,
+                                                   args.compile, args.backend, amp=args.amp),
+                  default_log_dir(args))
 
 
 if __name__ == '__main__':

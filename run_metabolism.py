@@ -5,6 +5,7 @@ import argparse
 
 from torch import nn
 
+import layers
 import metabolism
 import protonet
 import training
@@ -25,8 +26,8 @@ class FCNet(nn.Module):
     def __init__(self, num_inputs=metabolism.NUM_BITS, num_hidden=NUM_HIDDEN):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(num_inputs, num_hidden), protonet.TaskBatchNorm(num_hidden), nn.LeakyReLU(),
-            nn.Linear(num_hidden, num_hidden), protonet.TaskBatchNorm(num_hidden), nn.LeakyReLU())
+            nn.Linear(num_inputs, num_hidden), layers.TaskBatchNorm(num_hidden), nn.LeakyReLU(),
+            nn.Linear(num_hidden, num_hidden), layers.TaskBatchNorm(num_hidden), nn.LeakyReLU())
 
     def forward(self, features):
         """Embeds a batch of tasks' molecules.
@@ -43,25 +44,13 @@ class FCNet(nn.Module):
 def main(args):
     training.check_common_args(args)
     util.check_positive(learning_rate=args.learning_rate)
-    metabolism.check_task_flags(args.num_way, args.num_support, args.num_query)
-    device = util.get_device(args.device)
-    data = metabolism.load_metabolism(args.datadir)
-    if args.cache:
-        print(f'The metabolism data is ready in {args.datadir}.')
-        return
-    log_dir = args.log_dir or protonet.default_log_dir(args, 'metabolism')
-    print(f'log_dir: {log_dir}')
-    util.seed_everything(args.seed)
-    learner = protonet.ProtoNet(args.learning_rate, log_dir, device, args.compile, args.backend,
-                                learner=FCNet(), val_interval=VAL_INTERVAL,
-                                save_interval=SAVE_INTERVAL, bio=True)
-
-    def get_dataloader(split, batch_size, num_tasks):
-        return metabolism.metabolism_task_loader(data, split, batch_size, args.num_way,
-                                                 args.num_support, args.num_query, num_tasks,
-                                                 seed=args.seed, device=device)
-
-    training.run(args, learner, get_dataloader)
+    training.main(args, metabolism.MetabolismTasks(args.datadir, args.num_way, args.num_support,
+                                                   args.num_query, args.seed),
+                  lambda log_dir, device: protonet.ProtoNet(
+                      args.learning_rate, log_dir, device, args.compile, args.backend,
+                      learner=FCNet(), val_interval=VAL_INTERVAL, save_interval=SAVE_INTERVAL,
+                      bio=True, amp=args.amp),
+                  protonet.default_log_dir(args, 'metabolism'))
 
 
 def parse_args(argv=None):

@@ -1,4 +1,4 @@
-"""The one training loop, validation, test and checkpointing that every meta-learner shares.
+"""The one training loop, validation, test, checkpointing and main body that every script shares.
 
 A learner (ProtoNet, MAML, ...) subclasses MetaLearner and supplies only
     METRICS            ordered {key: printed label}; 'loss' first, then per-task accuracies
@@ -11,7 +11,9 @@ A learner (ProtoNet, MAML, ...) subclasses MetaLearner and supplies only
     _checkpoint_state() / _load_checkpoint_state(state)
                        the learner's own checkpoint keys (parameters and optimizer state)
 and an Adam optimizer in self._optimizer. Everything else lives here, once, including the
-opt-in reduced precision (`amp`, set by --amp): bfloat16 autocast around every `_evaluate`.
+opt-in reduced precision (`amp`, from --amp): bfloat16 autocast around every `_evaluate`.
+A script's main() checks its flags, then calls `main` below with its data set's task source
+(tasks.py) and a function that builds its learner.
 """
 import os
 
@@ -32,15 +34,24 @@ class MetaLearner:
     TEST_METRIC = None
     architecture = None
 
-    def __init__(self, log_dir, device, val_interval=None, save_interval=None, val_ci95=False):
+    def __init__(self, log_dir, device, val_interval=None, save_interval=None, val_ci95=False,
+                 amp='none'):
+        """
+        Args:
+            log_dir (str): where checkpoints (and, through main, TensorBoard logs) go
+            device (str or torch.device): device to train and test on
+            val_interval, save_interval (int): steps between validations / checkpoints
+            val_ci95 (bool): validation also reports the 95% interval of TEST_METRIC
+            amp (str): 'bf16' runs every _evaluate under bfloat16 autocast; 'none' float32
+        """
         self._log_dir = log_dir
         self._device = device
         self._val_interval = val_interval or VAL_INTERVAL
         self._save_interval = save_interval or SAVE_INTERVAL
         self._val_ci95 = val_ci95
+        self._amp = amp
         self._start_train_step = 0
         self._loader_states = None
-        self.amp = 'none'  # 'bf16': forward and loss under bfloat16 autocast (--amp)
 
     # ----- what subclasses implement -----
     def _evaluate(self, task_batch, train):
@@ -55,15 +66,12 @@ class MetaLearner:
     def _log_extra(self, writer, step):
         """Hook for learner-specific TensorBoard scalars (e.g. learned inner learning rates)."""
 
-    def _evaluate_amp(self, task_batch, train):
-        """_evaluate, under bfloat16 autocast when self.amp is 'bf16'; the one place it applies.
-
-        Autocast runs convolutions and matrix products in bfloat16 and keeps cross-entropy in
-        float32; gradients reach the float32 parameters in float32.
-        """
-        with torch.autocast(torch.device(self._device).type, dtype=torch.bfloat16,
-                            enabled=self.amp == 'bf16'):
-            return self._evaluate(task_batch, train)
+    def _autocast(self):
+        """bfloat16 autocast when amp is 'bf16', else nothing: it runs convolutions and matrix
+        products in bfloat16 and keeps cross-entropy in float32; gradients reach the float32
+        parameters in float32."""
+        return torch.autocast(torch.device(self._device).type, dtype=torch.bfloat16,
+                              enabled=self._amp == 'bf16')
 
     # ----- the loop -----
     def train(self, dataloader_train, dataloader_val, writer):
@@ -97,7 +105,8 @@ class MetaLearner:
 
     def _train_step(self, task_batch, step):
         self._optimizer.zero_grad()
-        loss, metrics = self._evaluate_amp(task_batch, train=True)
+        with self._autocast():
+            loss, metrics = self._evaluate(task_batch, train=True)
         if not torch.isfinite(loss):
             raise util.UserError(
                 f'the training loss became {loss.item()} at iteration {step}; training stopped '
@@ -111,7 +120,8 @@ class MetaLearner:
         """Mean loss and metrics over one pass of dataloader_val (fresh tasks every call)."""
         losses, per_task = [], []
         for task_batch in dataloader_val:
-            loss, metrics = self._evaluate_amp(task_batch, train=False)
+            with self._autocast():
+                loss, metrics = self._evaluate(task_batch, train=False)
             losses.append(loss.item())
             per_task.append(metrics)
         metrics = {key: np.concatenate([m[key] for m in per_task]) for key in per_task[0]}
@@ -122,9 +132,9 @@ class MetaLearner:
 
     def test(self, dataloader_test):
         """Evaluates every task of dataloader_test; prints the mean and its 95% interval."""
-        accuracies = np.concatenate([
-            self._evaluate_amp(task_batch, train=False)[1][self.TEST_METRIC]
-            for task_batch in dataloader_test])
+        with self._autocast():
+            accuracies = np.concatenate([self._evaluate(task_batch, train=False)[1][self.TEST_METRIC]
+                                         for task_batch in dataloader_test])
         mean, ci95 = util.mean_and_ci95(accuracies)
         print(f'Accuracy over {len(accuracies)} test tasks: mean {mean:.3f}, '
               f'95% confidence interval {ci95:.3f}')
@@ -220,24 +230,37 @@ def check_common_args(args):
         print('Warning: --test without --checkpoint_step evaluates an untrained model.')
 
 
-def run(args, learner, get_dataloader):
-    """Loads a checkpoint if asked, then trains or tests: the body of every script's main().
+def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
+    """The body of every script's main(): data, log dir, seed, learner, then train or test.
 
     Args:
-        args (argparse.Namespace): the parsed common flags
-        learner (MetaLearner): the model to train or test
-        get_dataloader (callable): (split, batch_size, num_tasks) -> TaskLoader
+        args (argparse.Namespace): flags parsed with add_common_args (and the script's own),
+            already checked
+        task_source: the data set's task source, with prepare() and loader(split, batch_size,
+            num_tasks, device) (tasks.py)
+        build_learner (callable): (log_dir, device) -> MetaLearner
+        default_log_dir (str): the log dir named after the flags, used without --log_dir
+        num_val_tasks (int): tasks per validation; default batch_size * 4, as the course
     """
-    learner.amp = args.amp
+    device = util.get_device(args.device)
+    ready = task_source.prepare()
+    if args.cache:
+        print(ready)
+        return None
+    log_dir = args.log_dir or default_log_dir
+    print(f'log_dir: {log_dir}')
+    util.seed_everything(args.seed)
+    learner = build_learner(log_dir, device)
     if args.checkpoint_step > -1:
         learner.load(args.checkpoint_step)
     else:
         print('Checkpoint loading skipped.')
     if args.test:
-        return learner.test(get_dataloader('test', 1, NUM_TEST_TASKS))
+        return learner.test(task_source.loader('test', 1, NUM_TEST_TASKS, device))
     num_training_tasks = args.batch_size * (args.num_train_iterations - args.checkpoint_step - 1)
-    dataloader_train = get_dataloader('train', args.batch_size, num_training_tasks)
-    dataloader_val = get_dataloader('val', args.batch_size, args.batch_size * 4)
+    dataloader_train = task_source.loader('train', args.batch_size, num_training_tasks, device)
+    dataloader_val = task_source.loader('val', args.batch_size,
+                                        num_val_tasks or args.batch_size * 4, device)
     from torch.utils.tensorboard import SummaryWriter  # slow import; training only
-    with SummaryWriter(log_dir=learner._log_dir) as writer:
+    with SummaryWriter(log_dir=log_dir) as writer:
         return learner.train(dataloader_train, dataloader_val, writer)

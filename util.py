@@ -1,10 +1,16 @@
-"""Small helpers shared by every script: accuracy, devices, user errors, atomic saves."""
+"""Small helpers shared by every script: accuracy, devices, user errors, atomic saves,
+downloads."""
+import hashlib
 import os
 import sys
 import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -98,3 +104,44 @@ def cli(main):
     except KeyboardInterrupt:
         print('Interrupted; the last checkpoint written is intact.', file=sys.stderr)
         sys.exit(130)
+
+
+def download(url, path, md5=None, fix=''):
+    """Downloads url to path with a progress bar; checks md5 if given; never leaves a partial file.
+
+    Args:
+        url (str): http(s):// or file:// URL
+        path (Path): where the file goes; its folder must exist
+        md5 (str): expected hex digest, or None
+        fix (str): ends the error message: how the user can supply the file another way
+    """
+    tmp = path.with_name(path.name + '.part')
+    try:
+        with urllib.request.urlopen(url) as response, open(tmp, 'wb') as out:
+            size = int(response.headers.get('Content-Length') or 0) or None
+            digest = hashlib.md5()
+            with tqdm(total=size, unit='B', unit_scale=True, desc=path.name) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if md5 is not None and digest.hexdigest() != md5:
+            raise UserError(f'{url} has md5 {digest.hexdigest()}, expected {md5}: the download is '
+                            f'corrupt or not the official file; run again, or {fix}')
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError) as error:
+        raise UserError(f'could not download {url} ({error}); check the network, '
+                        f'or {fix}') from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def source_url(variable, official_url):
+    """(base URL, is official): official_url, or the mirror that the environment variable names
+    (a folder or a URL), read at call time."""
+    mirror = os.environ.get(variable)
+    if not mirror:
+        return official_url, True
+    if '://' not in mirror:
+        mirror = Path(mirror).resolve().as_uri()
+    return mirror.rstrip('/'), False

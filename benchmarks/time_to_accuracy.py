@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import benchmark  # puts the project's root on the path
+from course_pipeline import write_png_folder  # puts the project's root on the path
 
 import omniglot  # noqa: E402
 
@@ -59,7 +59,7 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         if args.reference:
             folder = str(Path(work) / 'omniglot_resized')
-            benchmark.write_png_folder(omniglot.prepare(), folder)
+            write_png_folder(omniglot.prepare(), folder)
             arguments = ['benchmarks/course_protonet.py', '--folder', folder]
         else:
             arguments = ['protonet.py', '--log_dir', work]

@@ -36,3 +36,15 @@ def built(tmp_path_factory):
         seconds = time.perf_counter() - start
     print(f'\nbuilding all 8 TDC files took {seconds:.1f} s')
     return datadir, data, out.getvalue(), seconds
+
+
+@pytest.fixture(scope='session')
+def omniglot_batch():
+    """A function (batch_size, num_way, num_support, num_query, seed=0) -> a fixed batch of
+    real Omniglot training tasks (a list of task tuples)."""
+    import omniglot
+
+    def first_batch(batch_size, num_way, num_support, num_query, seed=0):
+        return next(iter(omniglot.get_omniglot_dataloader(
+            'train', batch_size, num_way, num_support, num_query, batch_size, seed=seed)))
+    return first_batch

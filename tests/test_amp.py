@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import grader
 import maml
 import protonet
 import training
@@ -36,14 +35,15 @@ def test_amp_flag_defaults_to_float32_and_accepts_only_known_values():
         parser.parse_args(['--amp', 'fp16'])
 
 
-def test_bf16_autocast_applies_to_training_validation_and_test_only_when_asked(tmp_path):
+def test_bf16_autocast_applies_to_training_validation_and_test_only_when_asked(
+        tmp_path, omniglot_batch):
     recorder = DtypeRecorder()
     model = protonet.ProtoNet(0.001, str(tmp_path), 'cpu', learner=recorder)
-    task_batch = grader.omniglot_batch(batch_size=2, num_way=3, num_support=1, num_query=2)
+    task_batch = omniglot_batch(batch_size=2, num_way=3, num_support=1, num_query=2)
     model._train_step(task_batch, step=0)
     assert set(recorder.dtypes) == {torch.float32}
     recorder.dtypes.clear()
-    model.amp = 'bf16'
+    model = protonet.ProtoNet(0.001, str(tmp_path), 'cpu', learner=recorder, amp='bf16')
     model._train_step(task_batch, step=1)
     model.validate([task_batch])
     model.test([task_batch])
@@ -53,15 +53,14 @@ def test_bf16_autocast_applies_to_training_validation_and_test_only_when_asked(t
                for p in recorder.parameters())
 
 
-def test_bf16_protonet_loss_and_gradients_are_close_to_float32(tmp_path):
-    torch.manual_seed(0)
-    model = protonet.ProtoNet(0.001, str(tmp_path), 'cpu')
-    task_batch = grader.omniglot_batch(batch_size=4, num_way=5, num_support=5, num_query=15)
+def test_bf16_protonet_loss_and_gradients_are_close_to_float32(tmp_path, omniglot_batch):
+    task_batch = omniglot_batch(batch_size=4, num_way=5, num_support=5, num_query=15)
     results = {}
     for amp in training.AMP_CHOICES:
-        model.amp = amp
-        model._optimizer.zero_grad()
-        loss, _ = model._evaluate_amp(task_batch, train=True)
+        torch.manual_seed(0)  # the same weights for both
+        model = protonet.ProtoNet(0.001, str(tmp_path), 'cpu', amp=amp)
+        with model._autocast():
+            loss, _ = model._evaluate(task_batch, train=True)
         loss.backward()
         assert loss.dtype == torch.float32
         results[amp] = loss.item(), torch.cat([p.grad.flatten() for p in
@@ -72,12 +71,13 @@ def test_bf16_protonet_loss_and_gradients_are_close_to_float32(tmp_path):
 
 
 @pytest.mark.parametrize('num_inner_steps', [1, 5])
-def test_bf16_maml_second_order_meta_gradients_are_finite(tmp_path, num_inner_steps):
+def test_bf16_maml_second_order_meta_gradients_are_finite(tmp_path, omniglot_batch,
+                                                          num_inner_steps):
     torch.manual_seed(0)
-    model = maml.MAML(5, num_inner_steps, 0.4, True, 0.001, str(tmp_path), 'cpu')
-    model.amp = 'bf16'
-    task_batch = grader.omniglot_batch(batch_size=2, num_way=5, num_support=1, num_query=15)
-    loss, metrics = model._evaluate_amp(task_batch, train=True)
+    model = maml.MAML(5, num_inner_steps, 0.4, True, 0.001, str(tmp_path), 'cpu', amp='bf16')
+    task_batch = omniglot_batch(batch_size=2, num_way=5, num_support=1, num_query=15)
+    with model._autocast():
+        loss, metrics = model._evaluate(task_batch, train=True)
     loss.backward()
     assert torch.isfinite(loss)
     for name in ('_meta_parameters', '_inner_lrs'):

@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-import benchmark  # noqa: E402  (needs the path above)
+import numerics  # noqa: E402  (needs the path above)
 
 ROWS = ['ProtoNet 5w5s: training, s/iter', 'MAML 5w1s 1 step: training, s/iter',
         'MAML 5w1s 5 steps: training, s/iter', 'MAML 5w1s 1 step first-order: training, s/iter',
@@ -41,10 +41,10 @@ def test_relative_error_catches_a_wrong_gradient_and_tolerates_rounding_noise():
     gradients = [torch.tensor([3.0, 4.0]), torch.tensor([1e-7, -1e-7])]  # the second is noise
     noisy = [gradients[0] * (1 + 1e-6), torch.tensor([-2e-7, 3e-7])]
     loss = torch.tensor(1.5)
-    assert benchmark.largest_relative_error(loss, loss, noisy, gradients) < 1e-4
+    assert numerics.largest_relative_error(loss, loss, noisy, gradients) < 1e-4
     wrong = [gradients[0] * 1.01, gradients[1]]
-    assert benchmark.largest_relative_error(loss, loss, wrong, gradients) == pytest.approx(0.01)
-    assert benchmark.largest_relative_error(loss * 1.001, loss, gradients, gradients) > 1e-4
+    assert numerics.largest_relative_error(loss, loss, wrong, gradients) == pytest.approx(0.01)
+    assert numerics.largest_relative_error(loss * 1.001, loss, gradients, gradients) > 1e-4
 
 
 def test_time_to_accuracy_stops_at_the_first_validation_at_the_target():

@@ -2,9 +2,9 @@
 user errors.
 
 Gradient checks run in float64 on tiny random tasks (3-way, 2 images per class, 7x7 pixels: the
-network averages over positions, so any image size works) against torch.func (nested `grad` over
-a plain nn.Sequential through `functional_call`) and central finite differences; the rest uses
-real Omniglot tasks.
+network averages over positions, so any image size works) against the plain implementation of
+reference.py and against central finite differences of our own objective; the rest uses real
+Omniglot tasks.
 """
 import argparse
 import os
@@ -12,20 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call, grad
 
 import maml
 import omniglot
 import protonet
+import reference
 import training
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ['conv0', 'b0', 'conv1', 'b1', 'conv2', 'b2', 'conv3', 'b3', 'w4', 'b4']
+KEYS = reference.MAML_KEYS
 NUM_WAY = 3
 
 
@@ -36,44 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# ----- an independent MAML: torch.func over a plain nn.Sequential -----
-def reference_network(num_outputs):
-    layers = []
-    for i in range(4):
-        layers += [nn.Conv2d(1 if i == 0 else 32, 32, 3, padding=1),
-                   nn.BatchNorm2d(32, affine=False, track_running_stats=False), nn.ReLU()]
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(32, num_outputs)).double()
-
-
-NETWORK = reference_network(NUM_WAY)
-MODULE_NAMES = dict(zip(KEYS, ['0.weight', '0.bias', '3.weight', '3.bias', '6.weight', '6.bias',
-                               '9.weight', '9.bias', '14.weight', '14.bias']))
-
-
-def reference_loss(parameters, images, labels):
-    logits = functional_call(NETWORK, {MODULE_NAMES[k]: v for k, v in parameters.items()},
-                             (images,))
-    return F.cross_entropy(logits, labels)
-
-
-def reference_adapt(parameters, lrs, images, labels, num_steps):
-    """Returns the adapted parameters and the list of the inner steps' gradients."""
-    steps = []
-    for _ in range(num_steps):
-        gradients = grad(reference_loss)(parameters, images, labels)
-        steps.append(gradients)
-        parameters = {k: parameters[k] - lrs[k] * gradients[k] for k in parameters}
-    return parameters, steps
-
-
-def reference_objective(parameters, lrs, tasks, num_steps):
-    """Mean query loss after adaptation: J(theta, alpha) of the handout."""
-    losses = [reference_loss(reference_adapt(parameters, lrs, xs, ys, num_steps)[0], xq, yq)
-              for xs, ys, xq, yq in tasks]
-    return sum(losses) / len(tasks)
 
 
 # ----- helpers -----
@@ -121,11 +81,12 @@ def assert_dicts_close(actual, expected, **tolerances):
 
 # ----- the meta-gradient -----
 @pytest.mark.parametrize('num_inner_steps', [1, 3])
-def test_second_order_meta_gradient_equals_torch_func(tmp_path, num_inner_steps):
+def test_second_order_meta_gradient_equals_the_reference(tmp_path, num_inner_steps):
     model = float64_model(tmp_path, num_inner_steps)
     tasks = tiny_tasks()
-    parameters, lrs = values(model)
-    expected = grad(reference_objective, argnums=(0, 1))(parameters, lrs, tasks, num_inner_steps)
+    parameters, lrs = (reference.leaf_copies(tensors) for tensors in values(model))
+    reference.maml_outer_step(parameters, lrs, tasks, num_inner_steps)[0].backward()
+    expected = [{k: v.grad for k, v in tensors.items()} for tensors in (parameters, lrs)]
     got = meta_gradient(model, tasks)
     assert_dicts_close(got[0], expected[0], rtol=1e-9, atol=1e-12)
     assert_dicts_close(got[1], expected[1], rtol=1e-9, atol=1e-12)  # learned inner lrs
@@ -173,8 +134,12 @@ def test_first_order_meta_gradient(tmp_path, num_inner_steps):
     expected_weights = {k: torch.zeros_like(v) for k, v in parameters.items()}
     expected_lrs = {k: torch.zeros_like(v) for k, v in lrs.items()}
     for xs, ys, xq, yq in tasks:
-        adapted, steps = reference_adapt(parameters, lrs, xs, ys, num_inner_steps)
-        query_gradient = grad(reference_loss)(adapted, xq, yq)
+        adapted, _, steps = reference.maml_adapt(reference.leaf_copies(parameters), lrs, xs, ys,
+                                                 num_inner_steps, create_graph=False)
+        adapted = reference.leaf_copies(adapted)
+        query_loss = F.cross_entropy(reference.maml_forward(adapted, xq), yq)
+        query_gradient = dict(zip(adapted, torch.autograd.grad(query_loss,
+                                                               list(adapted.values()))))
         for k in KEYS:
             expected_weights[k] += query_gradient[k] / len(tasks)
             expected_lrs[k] -= sum((g[k] * query_gradient[k]).sum() for g in steps) / len(tasks)
@@ -226,21 +191,21 @@ def parse(argv):
 
 
 def train(log_dir, num_iterations, checkpoint_step, save_interval):
-    """Trains a tiny MAML through training.run, as maml.main does; returns it."""
+    """Trains a tiny MAML through training.main, as maml.main does; returns it."""
     args = parse(['--log_dir', str(log_dir), '--num_way', '3', '--num_support', '1',
                   '--num_query', '2', '--batch_size', '2', '--learn_inner_lrs',
                   '--num_train_iterations', str(num_iterations),
                   '--checkpoint_step', str(checkpoint_step)])
-    torch.manual_seed(args.seed)
-    model = maml.MAML(args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs,
-                      0.01, str(log_dir), 'cpu', save_interval=save_interval)
+    models = []
 
-    def get_dataloader(split, batch_size, num_tasks):
-        return omniglot.get_omniglot_dataloader(split, batch_size, args.num_way,
-                                                args.num_support, args.num_query, num_tasks,
-                                                seed=args.seed)
-    training.run(args, model, get_dataloader)
-    return model
+    def build(log_dir, device):
+        models.append(maml.MAML(args.num_way, args.num_inner_steps, args.inner_lr,
+                                args.learn_inner_lrs, 0.01, log_dir, device,
+                                save_interval=save_interval))
+        return models[0]
+    training.main(args, omniglot.OmniglotTasks(args.num_way, args.num_support, args.num_query,
+                                               args.seed), build, 'unused')
+    return models[0]
 
 
 def test_resume_continues_training_exactly(tmp_path):

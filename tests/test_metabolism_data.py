@@ -241,7 +241,7 @@ def test_missing_files_are_fetched_from_a_mirror_folder(tmp_path, empty_mirror):
 def test_official_source_is_dataverse(monkeypatch, tmp_path):
     monkeypatch.delenv('TDC_MIRROR')
     urls = []
-    monkeypatch.setattr(metabolism.omniglot, 'download', lambda url, path, fix: urls.append(url))
+    monkeypatch.setattr(metabolism.util, 'download', lambda url, path, fix: urls.append(url))
     metabolism.fetch_tables(tmp_path)
     base = 'https://dataverse.harvard.edu/api/access/datafile'
     assert urls == [f'{base}/{metabolism.DATAVERSE_IDS[n]}' for n in metabolism.ALL_SETS]

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import omniglot
+import util
 from util import UserError
 
 MIRROR = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
@@ -46,19 +47,21 @@ def test_download_through_file_mirror_gives_the_same_bytes(tmp_path, monkeypatch
 
 def test_a_plain_folder_works_as_mirror_too(monkeypatch):
     monkeypatch.setenv('OMNIGLOT_MIRROR', str(MIRROR))
-    assert omniglot.source_url() == (MIRROR.resolve().as_uri(), False)
+    assert util.source_url('OMNIGLOT_MIRROR', omniglot.OFFICIAL_URL) == (
+        MIRROR.resolve().as_uri(), False)
     monkeypatch.delenv('OMNIGLOT_MIRROR')
-    assert omniglot.source_url() == (omniglot.OFFICIAL_URL, True)
+    assert util.source_url('OMNIGLOT_MIRROR', omniglot.OFFICIAL_URL) == (omniglot.OFFICIAL_URL,
+                                                                         True)
 
 
 def test_checksum_mismatch_is_an_error_and_leaves_no_file(tmp_path):
     url = (MIRROR / 'images_evaluation.zip').as_uri()
     target = tmp_path / 'images_evaluation.zip'
     with pytest.raises(UserError, match='md5'):
-        omniglot.download(url, target, md5='0' * 32)
+        util.download(url, target, md5='0' * 32)
     assert list(tmp_path.iterdir()) == []
     digest = hashlib.md5((MIRROR / 'images_evaluation.zip').read_bytes()).hexdigest()
-    omniglot.download(url, target, md5=digest)
+    util.download(url, target, md5=digest)
     assert target.read_bytes() == (MIRROR / 'images_evaluation.zip').read_bytes()
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import grader
+import layers
 import protonet
+import reference
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def test_step_equals_a_hand_computation(tmp_path):
 
 def test_task_batch_norm_equals_batch_norm_per_task():
     torch.manual_seed(0)
-    norm = protonet.TaskBatchNorm(3)
+    norm = layers.TaskBatchNorm(3)
     norm.weight.data.uniform_(0.5, 2)
     norm.bias.data.normal_()
     x = torch.randn(4, 6, 3, 5, 5) * 3 + 1
@@ -53,16 +54,16 @@ def test_task_batch_norm_equals_batch_norm_per_task():
     torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_loss_and_gradients_equal_a_plain_per_task_implementation():
+def test_loss_and_gradients_equal_a_plain_per_task_implementation(omniglot_batch):
     # float64 throughout, so that only a real difference can exceed the tolerance.
     torch.manual_seed(1)
     model = protonet.ProtoNet(0.001, 'unused', 'cpu')
     model._network.double()
-    task_batch = [tuple(t.double() if t.is_floating_point() else t for t in task) for task in
-                  grader.omniglot_batch(batch_size=3, num_way=5, num_support=2, num_query=4, seed=3)]
-    plain = grader.plain_protonet_network(model._network).double()
+    task_batch = reference.to_float64(omniglot_batch(batch_size=3, num_way=5, num_support=2,
+                                                     num_query=4, seed=3))
+    plain = reference.protonet_network_like(model._network)
     loss, _, _ = model._step(task_batch)
-    expected, _, _ = grader.reference_protonet_step(plain, task_batch)
+    expected, _, _ = reference.protonet_step(plain, task_batch)
     loss.backward()
     expected.backward()
     # Parameters in the same order: conv0 weight, bias, norm0 weight, bias, conv1 ...

@@ -28,14 +28,14 @@ def train_protonet(log_dir, num_iterations, checkpoint_step=-1):
     args = parse('--num_way', '3', '--num_query', '2', '--batch_size', '2', '--log_dir', log_dir,
                  '--num_train_iterations', str(num_iterations),
                  '--checkpoint_step', str(checkpoint_step))
-    util.seed_everything(args.seed)
-    model = protonet.ProtoNet(args.learning_rate, log_dir, 'cpu', val_interval=2, save_interval=2)
+    models = []
 
-    def get_dataloader(split, batch_size, num_tasks):
-        return omniglot.get_omniglot_dataloader(split, batch_size, 3, 1, 2, num_tasks)
-
-    training.run(args, model, get_dataloader)
-    return model
+    def build(log_dir, device):
+        models.append(protonet.ProtoNet(args.learning_rate, log_dir, device, val_interval=2,
+                                        save_interval=2))
+        return models[0]
+    training.main(args, omniglot.OmniglotTasks(3, 1, 2, args.seed), build, 'unused')
+    return models[0]
 
 
 def test_resuming_gives_the_same_parameters_as_training_straight(tmp_path):

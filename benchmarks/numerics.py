@@ -1,0 +1,123 @@
+"""The benchmark's accuracy check: ours must be as close to exact arithmetic as the course's way.
+
+On one seeded batch, for weights drawn with several seeds, ours and the reference (reference.py)
+compute the loss and every gradient in float32, and the reference again in float64. Ours passes
+when its largest relative error against float64 is within ACCURACY_MARGIN times the reference's
+own (or within RELATIVE_TOLERANCE). Comparing ours with the reference's float32 result directly
+would fail any change of summation order: second-order MAML in float32 is itself ~1e-2 from
+float64, and on Omniglot's binary images rounding decides ties in max pooling, so the float32
+error of either side varies 100-fold with the weights.
+"""
+import numpy as np
+import torch
+
+import maml
+import omniglot
+import protonet
+import reference
+
+RELATIVE_TOLERANCE = 1e-4
+ACCURACY_MARGIN = 2
+MAML_INNER_LR = 0.4
+LEARNING_RATE = 0.001
+# (name, inner steps, first order) of the MAML configurations checked and timed
+MAML_ROWS = [('MAML 5w1s 1 step', 1, False), ('MAML 5w1s 5 steps', 5, False),
+             ('MAML 5w1s 1 step first-order', 1, True)]
+
+
+def largest_relative_error(loss, expected_loss, gradients, expected_gradients):
+    """The largest of |loss - expected| / |expected| and ||a - b|| / ||b|| over gradient pairs.
+
+    A gradient whose norm is below 1e-3 of the largest one (the bias of a convolution followed
+    by batch norm: zero in exact arithmetic, float32 rounding noise in practice) is compared
+    relative to the norm of the whole gradient instead.
+
+    Args:
+        loss, expected_loss (Tensor): 0-dim
+        gradients, expected_gradients (list of Tensor): pairwise the same shapes
+    """
+    norms = [b.norm().item() for b in expected_gradients]
+    whole = float(np.linalg.norm(norms))
+    errors = [((a.double() - b).norm() / (norm if norm >= 1e-3 * max(norms) else whole)).item()
+              for a, b, norm in zip(gradients, expected_gradients, norms, strict=True)]
+    return max([((loss.double() - expected_loss).abs() / expected_loss.abs()).item(), *errors])
+
+
+def loss_and_gradients(loss, parameters):
+    loss.backward()
+    return loss.detach(), [p.grad for p in parameters]
+
+
+def error_against(result, exact):
+    """result, exact: (loss, gradients) pairs -> the largest relative error of result."""
+    (loss, gradients), (expected_loss, expected_gradients) = result, exact
+    return largest_relative_error(loss, expected_loss, gradients, expected_gradients)
+
+
+def check_protonet(task_batch, device, log_dir):
+    """Errors of ProtoNet._step and of the course's step against the course's step in float64,
+    same weights and batch.
+
+    Returns:
+        (ours, reference): each the largest relative error of the loss or any gradient
+    """
+    learner = protonet.ProtoNet(LEARNING_RATE, log_dir, device)
+    ours = [p for conv, norm in zip(learner._network.convs, learner._network.norms)
+            for p in (*conv.parameters(), *norm.parameters())]
+    float32 = reference.protonet_network_like(learner._network)
+    float64 = reference.protonet_network_like(learner._network).double()  # exact: a widening
+
+    def course_step(network, batch):
+        return loss_and_gradients(reference.protonet_step(network, batch)[0],
+                                  network.parameters())
+    exact = course_step(float64, reference.to_float64(task_batch))
+    return (error_against(loss_and_gradients(learner._step(task_batch)[0], ours), exact),
+            error_against(course_step(float32, task_batch), exact))
+
+
+def check_maml(task_batch, num_inner_steps, first_order, device, log_dir):
+    """Errors of MAML._outer_step and of the course's outer step against the course's in
+    float64, same weights and batch.
+
+    Returns:
+        (ours, reference): each the largest relative error of the loss or any meta-gradient
+    """
+    learner = maml.MAML(5, num_inner_steps, MAML_INNER_LR, False, LEARNING_RATE, log_dir, device,
+                        first_order=first_order)
+    inner_lrs = dict.fromkeys(learner._meta_parameters, MAML_INNER_LR)
+
+    def course_step(dtype, batch):
+        parameters = reference.leaf_copies(learner._meta_parameters, dtype)
+        loss = reference.maml_outer_step(parameters, inner_lrs, batch, num_inner_steps,
+                                         create_graph=not first_order)[0]
+        return loss_and_gradients(loss, parameters.values())
+    exact = course_step(torch.float64, reference.to_float64(task_batch))
+    ours = loss_and_gradients(learner._outer_step(task_batch, train=True)[0],
+                              learner._meta_parameters.values())
+    return error_against(ours, exact), error_against(course_step(torch.float32, task_batch), exact)
+
+
+def check_numerics(batch_size, device, log_dir, seeds=(0, 1, 2)):
+    """Every accuracy check on one seeded batch of batch_size tasks, for weights drawn with each
+    seed; prints them; True if all pass."""
+    def task_batch(num_support):
+        return next(iter(omniglot.get_omniglot_dataloader('train', batch_size, 5, num_support,
+                                                          15, batch_size, device=device)))
+
+    def largest_errors(check, *args):
+        errors = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            errors.append(check(*args, device, log_dir))
+        return np.max(errors, axis=0)
+    errors = {'ProtoNet 5w5s': largest_errors(check_protonet, task_batch(5))}
+    for name, num_inner_steps, first_order in MAML_ROWS:
+        errors[name] = largest_errors(check_maml, task_batch(1), num_inner_steps, first_order)
+    print(f'Float32 loss and gradients against the reference in float64, same batch of '
+          f'{batch_size} tasks: largest relative error over weights drawn with seeds {seeds}')
+    passed = True
+    for name, (ours, theirs) in errors.items():
+        ok = ours <= max(RELATIVE_TOLERANCE, ACCURACY_MARGIN * theirs)
+        passed &= ok
+        print(f'  {name}: ours {ours:.1e}, reference {theirs:.1e} {"ok" if ok else "FAILED"}')
+    return passed

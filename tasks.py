@@ -1,0 +1,63 @@
+"""Task sampling shared by the data sets (Omniglot, TDC Metabolism): seeded generators and the
+loader that batches tasks.
+
+The contract, which omniglot.py and metabolism.py both follow:
+- A dataset has `tasks(idxs)`: idxs is an int64 tensor with one row per task (Omniglot: the
+  task's class indices, shape (num_tasks, num_way); Metabolism: the task's data set index,
+  shape (num_tasks,)); it returns a list of num_tasks task tuples (support inputs, support
+  labels, query inputs, query labels), class-major, labels 0..num_way-1.
+- A sampler has `sample(num_tasks)`: the idxs of num_tasks fresh tasks.
+- Both draw from one torch.Generator per (seed, split), so a TaskLoader's state (the
+  generator's) is all a checkpoint needs to draw the same tasks again after a resume.
+- A task source is what the one main body (training.main) asks of a data set:
+  `prepare()` fetches and caches it and returns the line `--cache` prints, and
+  `loader(split, batch_size, num_tasks, device)` returns a TaskLoader of that split's tasks.
+"""
+import numpy as np
+import torch
+
+SPLIT_NUMBERS = {'train': 0, 'val': 1, 'test': 2}
+
+
+def split_generator(seed, split):
+    """An independent CPU generator for each (seed, split): same seed, same tasks, any device."""
+    state = np.random.SeedSequence([seed, SPLIT_NUMBERS.get(split, 99)]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def generator_from_torch_seed():
+    """A CPU generator seeded from torch's global one: repeatable after torch.manual_seed."""
+    return torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
+
+
+class TaskLoader:
+    """Batches of tasks: a batch is a list of batch_size task tuples (the assignment's
+    DataLoader with an identity collate gives the same).
+
+    Args:
+        dataset: has tasks(idxs), as above
+        sampler: has sample(num_tasks), as above
+        batch_size (int): tasks per batch
+        num_batches (int): batches per pass
+        generator (torch.Generator): the generator dataset and sampler draw from
+    """
+
+    def __init__(self, dataset, sampler, batch_size, num_batches, generator):
+        self._dataset = dataset
+        self._sampler = sampler
+        self._batch_size = batch_size
+        self._num_batches = num_batches
+        self._generator = generator
+
+    def __iter__(self):
+        for _ in range(self._num_batches):
+            yield self._dataset.tasks(self._sampler.sample(self._batch_size))
+
+    def __len__(self):
+        return self._num_batches
+
+    def state_dict(self):
+        return {'generator': self._generator.get_state()}
+
+    def load_state_dict(self, state):
+        self._generator.set_state(state['generator'].cpu())
