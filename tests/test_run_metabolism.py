@@ -70,18 +70,31 @@ def test_fcnet_equals_batch_norm_1d_applied_to_one_task_at_a_time():
 # ----- training -----
 @pytest.fixture(scope='module')
 def trained(built, tmp_path_factory):
-    """(working folder, printed output): NUM_STEPS + 1 steps of the run_bio configuration
-    in-process, in the working folder's default log dir, with validation and checkpoints every
-    INTERVAL steps instead of every 2000."""
+    """(working folder, printed output, loaders asked for): NUM_STEPS + 1 steps of the run_bio
+    configuration in-process, in the working folder's default log dir, with validation and
+    checkpoints every INTERVAL steps instead of every 2000; the loaders as (split, batch_size,
+    num_tasks)."""
     folder = tmp_path_factory.mktemp('metabolism_run')
     out = io.StringIO()
+    loaders = []
+    loader = metabolism.MetabolismTasks.loader
+
+    def recorded(self, split, batch_size, num_tasks, device):
+        loaders.append((split, batch_size, num_tasks))
+        return loader(self, split, batch_size, num_tasks, device)
+
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
         patch.chdir(folder)
         patch.setattr(run_metabolism, 'VAL_INTERVAL', INTERVAL)
         patch.setattr(run_metabolism, 'SAVE_INTERVAL', INTERVAL)
+        patch.setattr(metabolism.MetabolismTasks, 'loader', recorded)
         run_metabolism.main(run_metabolism.parse_args(
             [*BIO_FLAGS, '--num_train_iterations', str(NUM_STEPS + 1), '--datadir', str(built[0])]))
-    return folder, out.getvalue()
+    return folder, out.getvalue(), loaders
+
+
+def test_validation_draws_2400_tasks_as_the_assignment(trained):
+    assert trained[2] == [('train', 4, 4 * (NUM_STEPS + 1)), ('val', 4, 2400)]
 
 
 def test_training_prints_validation_with_its_interval(trained):
@@ -93,8 +106,8 @@ def test_training_prints_validation_with_its_interval(trained):
     validations = re.findall(rf'^Validation: loss: {NUMBER}, support accuracy: {NUMBER}, '
                              rf'query accuracy: {NUMBER}, Ci95: {NUMBER}$', output, re.M)
     assert len(validations) == NUM_STEPS // INTERVAL + 1, output
-    for _, _, query, ci95 in validations:
-        assert 0 < float(ci95) < 0.2 and 0 < float(query) <= 1
+    for _, _, query, ci95 in validations:  # over 2,400 tasks: about 1.96 * 0.2 / sqrt(2400)
+        assert 0 < float(ci95) < 0.015 and 0 < float(query) <= 1
 
 
 def test_training_logs_the_interval_and_saves_checkpoints(trained):
