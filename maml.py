@@ -9,8 +9,13 @@ g treated as constants: the meta-gradient w.r.t. theta is then the query-loss gr
 adapted parameters (as in the second handout), and learned inner learning rates still get the
 gradient of their own term, d phi^L / d alpha_k = -(sum over steps of g_k), as first-order
 Meta-SGD / MAML++ do.
+
+MAML++ (Antoniou, Edwards, Storkey, "How to train your MAML", ICLR 2019) is five options of the
+same learner, held in PlusPlus; with all of them off, the learner runs plain MAML's operations.
 """
 import argparse
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,6 +30,36 @@ NUM_INPUT_CHANNELS = 1
 NUM_HIDDEN_CHANNELS = 32
 KERNEL_SIZE = 3
 NUM_CONV_LAYERS = 4
+# MAML++ defaults, from the paper and its Omniglot configurations (HowToTrainYourMAMLPytorch):
+MSL_FRACTION = 0.08  # multi-step loss annealed over 20 of 250 epochs ('multi_step_loss_num_epochs')
+MSL_MIN_WEIGHT = 0.03  # each non-final step keeps 0.03 / steps ('min_value_for_non_final_losses')
+FIRST_ORDER_FRACTION = 1 / 3  # first order for the first 50 of 150 epochs (the paper, section 4)
+MIN_OUTER_LR = 1e-5  # cosine annealing of the outer learning rate down to 'min_learning_rate'
+
+
+@dataclass
+class PlusPlus:
+    """The MAML++ options; the defaults (all off) are plain MAML.
+
+    Attributes:
+        msl_iterations (int): multi-step loss: the query loss after every inner step, weighted,
+            the weights annealed towards the last step over the first msl_iterations training
+            iterations, the last step's loss alone after them (0: off)
+        first_order_iterations (int): derivative-order annealing: first order before this
+            training iteration, second order from it (0: off)
+        per_step_inner_lrs (bool): a learned inner learning rate per parameter and inner step
+        per_step_bn (bool): learned batch-norm weights and biases per inner step (outer loop
+            only; the statistics stay each task's own batch statistics)
+        cosine_iterations (int): cosine annealing of the outer learning rate from its initial
+            value to min_outer_lr over this many iterations (0: off)
+        min_outer_lr (float): where the cosine ends
+    """
+    msl_iterations: int = 0
+    first_order_iterations: int = 0
+    per_step_inner_lrs: bool = False
+    per_step_bn: bool = False
+    cosine_iterations: int = 0
+    min_outer_lr: float = MIN_OUTER_LR
 
 
 # ----- the math: pure functions of (parameters, data) -----
@@ -49,13 +84,15 @@ def init_parameters(num_outputs):
     return parameters
 
 
-def forward(parameters, images):
+def forward(parameters, images, norms=None):
     """Computes logits: 4x [conv 3x3 'same' -> batch norm (batch statistics) -> ReLU], the mean
     over positions, then a linear layer.
 
     Args:
         parameters (dict[str, Tensor]): network weights, keys and shapes as init_parameters
         images (Tensor): shape (examples, 1, height, width); any height and width
+        norms (dict[str, Tensor] or None): batch norm's weight 'gamma{i}' and bias 'beta{i}' of
+            each layer i, shape (32,) (MAML++'s per-step batch norm); None: no affine
 
     Returns:
         logits, shape (examples, num_outputs)
@@ -63,13 +100,14 @@ def forward(parameters, images):
     x = images
     for i in range(NUM_CONV_LAYERS):
         x = F.conv2d(x, parameters[f'conv{i}'], parameters[f'b{i}'], stride=1, padding='same')
-        x = F.batch_norm(x, None, None, training=True)
+        weight, bias = (norms[f'gamma{i}'], norms[f'beta{i}']) if norms else (None, None)
+        x = F.batch_norm(x, None, None, weight, bias, training=True)
         x = F.relu(x)
     x = x.mean(dim=(2, 3))
     return F.linear(x, parameters[f'w{NUM_CONV_LAYERS}'], parameters[f'b{NUM_CONV_LAYERS}'])
 
 
-def adapt(parameters, inner_lrs, images, labels, num_steps, create_graph):
+def adapt(parameters, inner_lrs, images, labels, num_steps, create_graph, norms=None):
     """The inner loop: num_steps gradient steps on one task's support loss.
 
     Each step is phi <- phi - inner_lrs[key] * grad_phi L(phi). With create_graph the gradients
@@ -78,30 +116,63 @@ def adapt(parameters, inner_lrs, images, labels, num_steps, create_graph):
 
     Args:
         parameters (dict[str, Tensor]): starting weights; each must require grad
-        inner_lrs (dict[str, Tensor]): same keys, 0-dim learning rates
+        inner_lrs (dict[str, Tensor]): same keys; each 0-dim (one learning rate for every step)
+            or of shape (num_steps,) (MAML++: one per step)
         images (Tensor): support images, shape (num_way * num_support, 1, height, width)
         labels (Tensor): support labels, int64, shape (num_way * num_support,)
         num_steps (int): number of inner steps, >= 0
         create_graph (bool): whether the gradients are differentiable
+        norms (list of dict or None): MAML++'s per-step batch norm: forward's norms at step i
+            are norms[i], and after the last step norms[-1]; None: no affine
 
     Returns:
-        adapted parameters (dict, same shapes)
+        the weights before the first step and after each step, num_steps + 1 dicts
         support accuracies before each step and after the last, a list of num_steps + 1 floats
         the last step's gradients: the tuple torch.autograd.grad returns, one tensor per
             parameter in the dict's order (empty when num_steps is 0)
     """
-    accuracies, gradients = [], ()
-    for _ in range(num_steps):
-        logits = forward(parameters, images)
+    trajectory, accuracies, gradients = [parameters], [], ()
+    for step in range(num_steps):
+        logits = forward(parameters, images, norms and norms[step])
         accuracies.append(util.score(logits, labels))
         loss = F.cross_entropy(logits, labels)
         gradients = torch.autograd.grad(loss, list(parameters.values()),
                                         create_graph=create_graph)
-        parameters = {key: value - inner_lrs[key] * gradient
+        parameters = {key: value - at_step(inner_lrs[key], step) * gradient
                       for (key, value), gradient in zip(parameters.items(), gradients)}
+        trajectory.append(parameters)
     with torch.no_grad():
-        accuracies.append(util.score(forward(parameters, images), labels))
-    return parameters, accuracies, gradients
+        accuracies.append(util.score(forward(parameters, images, norms and norms[-1]), labels))
+    return trajectory, accuracies, gradients
+
+
+def at_step(learning_rate, step):
+    """An inner learning rate at step: a 0-dim one serves every step, a 1-d one holds one each."""
+    return learning_rate if learning_rate.dim() == 0 else learning_rate[step]
+
+
+def multi_step_loss_weights(num_steps, progress):
+    """MAML++'s weights of the query losses after each inner step, progress (0 to 1) through
+    their annealing: uniform at 0; then every non-final weight falls linearly to
+    MSL_MIN_WEIGHT / num_steps, and the last one takes the rest (they always sum to 1)."""
+    uniform, floor = 1 / num_steps, MSL_MIN_WEIGHT / num_steps
+    return ([max(uniform - progress * uniform, floor)] * (num_steps - 1) +
+            [min(uniform + progress * (num_steps - 1) * uniform, 1 - (num_steps - 1) * floor)])
+
+
+def cosine_learning_rate(step, num_steps, initial, final):
+    """The learning rate at step of a cosine from initial (step 0) to final (step num_steps), as
+    torch.optim.lr_scheduler.CosineAnnealingLR."""
+    return final + (initial - final) * (1 + math.cos(math.pi * step / num_steps)) / 2
+
+
+def per_step(norms):
+    """MAML++'s per-step batch-norm parameters {name: (rows, 32)} as a list of rows {name: (32,)}
+    for adapt and forward; None when there are none."""
+    if not norms:
+        return None
+    return [{key: value[row] for key, value in norms.items()}
+            for row in range(len(next(iter(norms.values()))))]
 
 
 class MAML(training.MetaLearner):
@@ -114,7 +185,7 @@ class MAML(training.MetaLearner):
 
     def __init__(self, num_outputs, num_inner_steps, inner_lr, learn_inner_lrs, outer_lr,
                  log_dir, device, first_order=False, val_interval=None, save_interval=None,
-                 amp='none'):
+                 amp='none', plus=PlusPlus()):
         """Inits MAML.
 
         The network's weights are stored as a dict of leaf tensors, `_meta_parameters`, and the
@@ -134,20 +205,36 @@ class MAML(training.MetaLearner):
             first_order (bool): first-order MAML: no gradient through the inner gradients
             val_interval, save_interval (int): steps between validations / checkpoints
             amp (str): 'bf16' for bfloat16 autocast (--amp), 'none' for float32
+            plus (PlusPlus): the MAML++ options; all off by default
         """
         super().__init__(log_dir, device, val_interval, save_interval, amp=amp)
         self._meta_parameters = {key: value.to(device).requires_grad_()
                                  for key, value in init_parameters(num_outputs).items()}
-        self._inner_lrs = {key: torch.tensor(float(inner_lr), device=device,
-                                             requires_grad=learn_inner_lrs)
+        lr_shape = (num_inner_steps,) if plus.per_step_inner_lrs else ()
+        self._inner_lrs = {key: torch.full(lr_shape, float(inner_lr), device=device,
+                                           requires_grad=learn_inner_lrs or plus.per_step_inner_lrs)
                            for key in self._meta_parameters}
+        # MAML++'s per-step batch norm: row i serves inner step i, the last row after the last.
+        rows = max(num_inner_steps, 1)
+        self._step_norms = {f'{name}{i}': torch.full((rows, NUM_HIDDEN_CHANNELS), value,
+                                                     device=device, requires_grad=True)
+                            for i in range(NUM_CONV_LAYERS)
+                            for name, value in (('gamma', 1.0), ('beta', 0.0))
+                            } if plus.per_step_bn else {}
         self._num_inner_steps = num_inner_steps
-        self._learn_inner_lrs = learn_inner_lrs
+        self._learn_inner_lrs = learn_inner_lrs or plus.per_step_inner_lrs
         self._first_order = first_order
+        self._plus = plus
+        self._outer_lr = outer_lr
+        self._iteration = 0  # the training iteration, for what MAML++ anneals
         self._optimizer = torch.optim.Adam(
-            list(self._meta_parameters.values()) + list(self._inner_lrs.values()), lr=outer_lr)
-        # Parameter shapes depend on num_outputs only: inner steps and shots may change at test.
-        self.architecture = f'maml/conv{NUM_CONV_LAYERS}x{NUM_HIDDEN_CHANNELS}/{num_outputs}-way'
+            [*self._meta_parameters.values(), *self._inner_lrs.values(),
+             *self._step_norms.values()], lr=outer_lr)
+        # Parameter shapes depend on num_outputs only (and with MAML++'s per-step parameters,
+        # on the inner steps): shots, and otherwise inner steps, may change at test.
+        self.architecture = (f'maml/conv{NUM_CONV_LAYERS}x{NUM_HIDDEN_CHANNELS}/{num_outputs}-way'
+                             + (f'/per-step-lrs-{num_inner_steps}' if lr_shape else '')
+                             + (f'/per-step-bn-{rows}' if self._step_norms else ''))
 
     def _forward(self, images, parameters):
         """The assignment's interface to forward(parameters, images): logits (num_images,
@@ -174,17 +261,75 @@ class MAML(training.MetaLearner):
                 inner step, one per parameter in _meta_parameters order (empty for zero inner
                 steps); they require grad only when train and not first-order
         """
+        trajectory, accuracies, gradients = self._adapt(images, labels, train)
+        return trajectory[-1], accuracies, gradients
+
+    def _adapt(self, images, labels, train):
+        """adapt() from the meta-parameters, with the inner learning rates, the derivative order
+        and the per-step batch norm of this learner and iteration; in evaluation from detached
+        copies, so that no graph reaches the meta-parameters. Returns what adapt returns."""
+        parameters, lrs, norms = self._meta_parameters, self._inner_lrs, self._step_norms
+        if not train:
+            parameters = {key: value.detach().requires_grad_() for key, value in parameters.items()}
+            lrs, norms = ({key: value.detach() for key, value in tensors.items()}
+                          for tensors in (lrs, norms))
         with torch.enable_grad():
-            if train:
-                return adapt(self._meta_parameters, self._inner_lrs, images, labels,
-                             self._num_inner_steps, create_graph=not self._first_order)
-            # Evaluation: start from detached copies, so no graph reaches the meta-parameters.
-            start = {key: value.detach().requires_grad_()
-                     for key, value in self._meta_parameters.items()}
-            lrs = {key: value.detach() for key, value in self._inner_lrs.items()}
-            parameters, accuracies, gradients = adapt(start, lrs, images, labels,
-                                                      self._num_inner_steps, create_graph=False)
-        return {key: value.detach() for key, value in parameters.items()}, accuracies, gradients
+            trajectory, accuracies, gradients = adapt(
+                parameters, lrs, images, labels, self._num_inner_steps,
+                create_graph=train and self._second_order(), norms=per_step(norms))
+        if not train:
+            trajectory = [{key: value.detach() for key, value in weights.items()}
+                          for weights in trajectory]
+        return trajectory, accuracies, gradients
+
+    def _second_order(self):
+        """Second order unless --first_order, or MAML++'s derivative-order annealing is still
+        in its first-order part."""
+        return not self._first_order and self._iteration >= self._plus.first_order_iterations
+
+    def _query_loss(self, trajectory, images, labels, train):
+        """The query loss of the adapted weights, and their logits; while MAML++'s multi-step
+        loss anneals in training, the weighted sum of the losses after every inner step.
+
+        Args:
+            trajectory (list of dict): adapt's weights before and after each inner step
+            images (Tensor): query images, shape (N*Q, 1, height, width)
+            labels (Tensor): query labels, shape (N*Q,)
+            train (bool): whether we are training
+
+        Returns:
+            loss (0-dim Tensor), logits of the last weights (N*Q, num_way)
+        """
+        norms = per_step(self._step_norms) or [None] * max(self._num_inner_steps, 1)
+        weights = self._multi_step_loss_weights() if train else None
+        if weights is None:
+            logits = forward(trajectory[-1], images, norms[-1])
+            return F.cross_entropy(logits, labels), logits
+        losses = []
+        for weight, parameters, step_norms in zip(weights, trajectory[1:], norms, strict=True):
+            logits = forward(parameters, images, step_norms)
+            losses.append(weight * F.cross_entropy(logits, labels))
+        return sum(losses), logits
+
+    def _multi_step_loss_weights(self):
+        """The query-loss weight of each inner step at this iteration, or None: multi-step loss
+        off, or its annealing over."""
+        if not self._num_inner_steps or self._iteration >= self._plus.msl_iterations:
+            return None
+        return multi_step_loss_weights(self._num_inner_steps,
+                                       self._iteration / self._plus.msl_iterations)
+
+    def _train_step(self, task_batch, step):
+        """Sets what MAML++ anneals by iteration (derivative order, loss weights, outer learning
+        rate), then the shared training step."""
+        self._iteration = step
+        if self._plus.cosine_iterations:
+            learning_rate = cosine_learning_rate(min(step, self._plus.cosine_iterations),
+                                                 self._plus.cosine_iterations, self._outer_lr,
+                                                 self._plus.min_outer_lr)
+            for group in self._optimizer.param_groups:
+                group['lr'] = learning_rate
+        return super()._train_step(task_batch, step)
 
     def _evaluate(self, task_batch, train):
         """The MAML objective on each task of a batch, one task at a time; task_batch and
@@ -199,10 +344,10 @@ class MAML(training.MetaLearner):
         for task in task_batch:
             images_support, labels_support, images_query, labels_query = (
                 part.to(self._device) for part in task)
-            parameters, accuracies, _ = self._inner_loop(images_support, labels_support, train)
+            trajectory, accuracies, _ = self._adapt(images_support, labels_support, train)
             with torch.set_grad_enabled(train):
-                logits = forward(parameters, images_query)
-                losses.append(F.cross_entropy(logits, labels_query))
+                loss, logits = self._query_loss(trajectory, images_query, labels_query, train)
+                losses.append(loss)
             accuracies_support.append(accuracies)
             accuracies_query.append(util.score(logits, labels_query))
         accuracies_support = np.array(accuracies_support, dtype=np.float64)
@@ -234,19 +379,26 @@ class MAML(training.MetaLearner):
     def _log_extra(self, writer, step):
         if self._learn_inner_lrs:
             for key, value in self._inner_lrs.items():
-                writer.add_scalar(f'inner_lrs/{key}', value.item(), step)
+                if value.dim() == 0:
+                    writer.add_scalar(f'inner_lrs/{key}', value.item(), step)
+                    continue
+                for inner_step, learning_rate in enumerate(value.tolist()):
+                    writer.add_scalar(f'inner_lrs/{key}/step_{inner_step}', learning_rate, step)
+        if self._plus.cosine_iterations:
+            writer.add_scalar('outer_lr', self._optimizer.param_groups[0]['lr'], step)
 
     def _checkpoint_state(self):
-        return {'meta_parameters': {key: value.detach() for key, value in
-                                    self._meta_parameters.items()},
-                'inner_lrs': {key: value.detach() for key, value in self._inner_lrs.items()},
-                'optimizer_state_dict': self._optimizer.state_dict()}
+        state = {name: {key: value.detach() for key, value in getattr(self, '_' + name).items()}
+                 for name in ('meta_parameters', 'inner_lrs', 'step_norms')}
+        if not state['step_norms']:
+            del state['step_norms']  # plain MAML: the assignment's keys
+        return dict(state, optimizer_state_dict=self._optimizer.state_dict())
 
     def _load_checkpoint_state(self, state):
         # Copy into the tensors the optimizer holds: swapping in new tensors (as the original
         # assignment did) leaves the optimizer updating orphans, and training silently stops.
         with torch.no_grad():
-            for name in ('meta_parameters', 'inner_lrs'):
+            for name in ('meta_parameters', 'inner_lrs', 'step_norms'):
                 for key, value in getattr(self, '_' + name).items():
                     value.copy_(state[name][key])
         self._optimizer.load_state_dict(state['optimizer_state_dict'])
@@ -257,9 +409,25 @@ def default_log_dir(args):
                f'.query_{args.num_query}.inner_steps_{args.num_inner_steps}'
                f'.inner_lr_{args.inner_lr}.learn_inner_lrs_{args.learn_inner_lrs}'
                f'.outer_lr_{args.outer_lr}.batch_size_{args.batch_size}')
-    if args.first_order:
-        log_dir += '.first_order_True'
+    for option in ('first_order', 'mamlpp', *MAMLPP_OPTIONS):
+        if getattr(args, option):
+            log_dir += f'.{option}_True'
     return log_dir
+
+
+MAMLPP_OPTIONS = ('multi_step_loss', 'derivative_order_annealing', 'per_step_inner_lrs',
+                  'per_step_bn', 'cosine_outer_lr')
+
+
+def plus_plus(args):
+    """The MAML++ options the flags ask for (--mamlpp: all five), in iterations."""
+    on = {option: args.mamlpp or getattr(args, option) for option in MAMLPP_OPTIONS}
+    return PlusPlus(
+        msl_iterations=round(MSL_FRACTION * args.num_train_iterations) * on['multi_step_loss'],
+        first_order_iterations=(round(FIRST_ORDER_FRACTION * args.num_train_iterations)
+                                * on['derivative_order_annealing']),
+        per_step_inner_lrs=on['per_step_inner_lrs'], per_step_bn=on['per_step_bn'],
+        cosine_iterations=args.num_train_iterations * on['cosine_outer_lr'])
 
 
 def add_maml_args(parser, num_train_iterations):
@@ -274,6 +442,27 @@ def add_maml_args(parser, num_train_iterations):
                         help='outer-loop learning rate')
     parser.add_argument('--first_order', default=False, action='store_true',
                         help='first-order MAML: no gradient through the inner gradients')
+    plus = parser.add_argument_group(
+        'MAML++ (Antoniou et al., "How to train your MAML", ICLR 2019); the defaults come from '
+        "the paper and its Omniglot configurations; --num_train_iterations sets the annealing "
+        'lengths, so keep it when resuming')
+    plus.add_argument('--mamlpp', action='store_true', help='all five options below')
+    plus.add_argument('--multi_step_loss', action='store_true',
+                      help='the query loss after every inner step, weighted; the weights anneal '
+                           f'to the last step over the first {MSL_FRACTION:.0%}% of training (the '
+                           'paper: 20 of 250 epochs), then the last step alone')
+    plus.add_argument('--derivative_order_annealing', action='store_true',
+                      help=f'first order for the first {FIRST_ORDER_FRACTION:.0%}% of training, '
+                           'second order after (the paper: the first 50 of 150 epochs)')
+    plus.add_argument('--per_step_inner_lrs', action='store_true',
+                      help='a learned inner learning rate per layer and inner step, initialised '
+                           'to --inner_lr (the paper initialised 0.1)')
+    plus.add_argument('--per_step_bn', action='store_true',
+                      help='learned batch-norm weights and biases per inner step (initialised '
+                           '1 and 0); statistics stay each batch\'s own')
+    plus.add_argument('--cosine_outer_lr', action='store_true',
+                      help='cosine annealing of the outer learning rate from --outer_lr to '
+                           f'{MIN_OUTER_LR:g} over training (the paper\'s min_learning_rate)')
 
 
 def main(args):
@@ -285,7 +474,8 @@ def main(args):
                                                args.seed),
                   lambda log_dir, device: MAML(
                       args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs,
-                      args.outer_lr, log_dir, device, args.first_order, amp=args.amp),
+                      args.outer_lr, log_dir, device, args.first_order, amp=args.amp,
+                      plus=plus_plus(args)),
                   default_log_dir(args))
 
 

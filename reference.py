@@ -164,8 +164,8 @@ def maml_outer_step(parameters, inner_lrs, task_batch, num_steps, create_graph=T
 
 
 def maml_in_float64(model):
-    """A maml.MAML with its meta-parameters and inner learning rates cast to float64 in place
-    (the tensors its optimizer holds stay the same objects)."""
-    for value in [*model._meta_parameters.values(), *model._inner_lrs.values()]:
+    """A maml.MAML with every tensor its optimizer holds (meta-parameters, inner learning rates,
+    any MAML++ parameters) cast to float64 in place: they stay the same objects."""
+    for value in model._optimizer.param_groups[0]['params']:
         value.data = value.data.double()
     return model

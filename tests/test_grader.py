@@ -31,8 +31,8 @@ def test_gradients_as_a_dict_lose_the_points_of_2a_0_and_2a_1(capsys, monkeypatc
     adapt = grader.maml.adapt
 
     def dict_gradients(*args, **kwargs):
-        parameters, accuracies, gradients = adapt(*args, **kwargs)
-        return parameters, accuracies, dict(zip(parameters, gradients))
+        trajectory, accuracies, gradients = adapt(*args, **kwargs)
+        return trajectory, accuracies, dict(zip(trajectory[-1], gradients))
 
     monkeypatch.setattr(grader.maml, 'adapt', dict_gradients)
     assert grader.run(['2a-0-basic', '2a-1-basic']) == (0, 4)

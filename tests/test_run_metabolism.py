@@ -33,7 +33,7 @@ LOG_DIR = 'logs/protonet/metabolism.way_2.support_5.query_10.lr_0.0005.batch_siz
 def run_script(*args, cwd=ROOT, **env):
     """Runs run_metabolism.py with args and extra environment variables; returns the
     CompletedProcess (text stdout, stderr). One thread: the network is tiny, and beside other
-    work on a small machine, two threads waiting for each other made --test 5x slower."""
+    work on a small machine, two threads waiting for each other made --test much slower."""
     return subprocess.run([sys.executable, str(ROOT / 'run_metabolism.py'), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS='1', **env))
