@@ -48,12 +48,19 @@ def main(args):
     training.check_common_args(args)
     util.check_positive(learning_rate=args.learning_rate)
     training.main(args, metabolism.MetabolismTasks(args.datadir, args.num_way, args.num_support,
-                                                   args.num_query, args.seed),
+                                                   args.num_query, args.seed, args.fingerprint),
                   lambda log_dir, device: protonet.ProtoNet(
                       args.learning_rate, log_dir, device, args.compile, args.backend,
                       learner=FCNet(), val_interval=VAL_INTERVAL, save_interval=SAVE_INTERVAL,
                       bio=True, amp=args.amp),
-                  protonet.default_log_dir(args, 'metabolism'), num_val_tasks=NUM_VAL_TASKS)
+                  default_log_dir(args), num_val_tasks=NUM_VAL_TASKS)
+
+
+def default_log_dir(args):
+    """protonet.py's, for the metabolism data; a fingerprint other than the assignment's bits
+    is named at the end."""
+    log_dir = protonet.default_log_dir(args, 'metabolism')
+    return log_dir if args.fingerprint == 'bits' else f'{log_dir}.fingerprint_{args.fingerprint}'
 
 
 def parse_args(argv=None):
@@ -63,6 +70,11 @@ def parse_args(argv=None):
     parser.set_defaults(num_way=metabolism.NUM_WAY)  # protonet.py's 5 cannot work: binary labels
     parser.add_argument('--datadir', type=str, default='./data/metabolism',
                         help='folder of metabolism_data_new.pkl or the raw TDC files')
+    parser.add_argument('--fingerprint', type=str, default='bits',
+                        choices=metabolism.FINGERPRINTS,
+                        help="a molecule's 1024 features, folded radius-2 Morgan fingerprints: "
+                             "'bits' (the assignment's), 'counts', or 'fcfp_counts' (counts of "
+                             'the pharmacophoric-feature variant); each is cached apart')
     return parser.parse_args(argv)
 
 

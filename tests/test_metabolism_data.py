@@ -74,6 +74,46 @@ def test_fingerprints_match_rdkit_bits():
         assert np.flatnonzero(row).tolist() == rdkit_bits(text)
 
 
+def rdkit_counts(smiles, feature_invariants=False):
+    """A Morgan count fingerprint (radius 2) folded to 1024 by hand: RDKit's unfolded sparse
+    counts, summed per bit modulo 1024."""
+    invariants = (rdFingerprintGenerator.GetMorganFeatureAtomInvGen() if feature_invariants
+                  else None)
+    sparse = rdFingerprintGenerator.GetMorganGenerator(
+        radius=2, atomInvariantsGenerator=invariants).GetSparseCountFingerprint(
+            Chem.MolFromSmiles(smiles))
+    folded = np.zeros(1024, dtype=np.int64)
+    for bit, count in sparse.GetNonzeroElements().items():
+        folded[bit % 1024] += count
+    return folded
+
+
+@pytest.mark.parametrize('kind', ['counts', 'fcfp_counts'])
+def test_count_fingerprints_match_rdkit_counts_folded_by_hand(kind):
+    smiles = [row['Drug'] for name in ('CYP2D6_Veith', 'CYP3A4_Substrate_CarbonMangels')
+              for row in read_raw(name)[:4]]
+    features, kept = metabolism.fingerprints(smiles, kind=kind)
+    assert features.dtype == np.uint8 and kept.tolist() == list(range(8))
+    assert features.max() > 1  # counts, not bits
+    for row, text in zip(features, smiles):
+        np.testing.assert_array_equal(row, rdkit_counts(text, kind == 'fcfp_counts'))
+    bits, _ = metabolism.fingerprints(smiles)
+    # ECFP counts set the bits' positions; the feature variant hashes other invariants
+    assert np.array_equal(bits, features > 0) == (kind == 'counts')
+
+
+def test_each_fingerprint_has_its_own_cache(tmp_path):
+    write_tiny_tables(tmp_path)
+    bits = metabolism.load_metabolism(tmp_path)
+    counts = metabolism.load_metabolism(tmp_path, 'counts')
+    assert sorted(p.name for p in tmp_path.glob('*.pkl')) == [
+        'metabolism_data_counts.pkl', 'metabolism_data_new.pkl']
+    name = metabolism.ALL_SETS[0]
+    assert counts[name]['feature'].max() > 1 and bits[name]['feature'].max() == 1
+    np.testing.assert_array_equal(metabolism.load_metabolism(tmp_path, 'counts')[name]['feature'],
+                                  counts[name]['feature'])  # read back from its cache
+
+
 def test_reference_bits_tell_radius_apart():
     """The check above could fail: radius 3 sets other bits on these molecules."""
     text = read_raw('CYP1A2_Veith')[0]['Drug']

@@ -168,6 +168,15 @@ def test_flags_are_protonet_flags_plus_datadir():
     assert args.device == 'cpu' and args.checkpoint_step == -1 and not args.test
 
 
+def test_fingerprint_flag_defaults_to_the_assignment_s_bits_and_names_the_log_dir():
+    assert run_metabolism.parse_args([]).fingerprint == 'bits'
+    assert run_metabolism.default_log_dir(run_metabolism.parse_args([*BIO_FLAGS])) == './' + LOG_DIR
+    args = run_metabolism.parse_args([*BIO_FLAGS, '--fingerprint', 'fcfp_counts'])
+    assert run_metabolism.default_log_dir(args) == f'./{LOG_DIR}.fingerprint_fcfp_counts'
+    with pytest.raises(SystemExit):
+        run_metabolism.parse_args(['--fingerprint', 'maccs'])
+
+
 def test_cache_prepares_the_data_and_exits(built, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run_metabolism.main(run_metabolism.parse_args(['--cache', '--datadir', str(built[0])]))
