@@ -84,18 +84,19 @@ def init_parameters(num_outputs):
     return parameters
 
 
-def forward(parameters, images, norms=None):
-    """Computes logits: 4x [conv 3x3 'same' -> batch norm (batch statistics) -> ReLU], the mean
-    over positions, then a linear layer.
+def embed(parameters, images, norms=None):
+    """The network up to its linear layer: 4x [conv 3x3 'same' -> batch norm (batch
+    statistics) -> ReLU], then the mean over positions.
 
     Args:
         parameters (dict[str, Tensor]): network weights, keys and shapes as init_parameters
+            (the linear layer's are not used)
         images (Tensor): shape (examples, 1, height, width); any height and width
         norms (dict[str, Tensor] or None): batch norm's weight 'gamma{i}' and bias 'beta{i}' of
             each layer i, shape (32,) (MAML++'s per-step batch norm); None: no affine
 
     Returns:
-        logits, shape (examples, num_outputs)
+        features, shape (examples, 32)
     """
     x = images
     for i in range(NUM_CONV_LAYERS):
@@ -103,8 +104,20 @@ def forward(parameters, images, norms=None):
         weight, bias = (norms[f'gamma{i}'], norms[f'beta{i}']) if norms else (None, None)
         x = F.batch_norm(x, None, None, weight, bias, training=True)
         x = F.relu(x)
-    x = x.mean(dim=(2, 3))
-    return F.linear(x, parameters[f'w{NUM_CONV_LAYERS}'], parameters[f'b{NUM_CONV_LAYERS}'])
+    return x.mean(dim=(2, 3))
+
+
+def forward(parameters, images, norms=None):
+    """Computes logits: embed's features, then the linear layer w4, b4.
+
+    Args:
+        parameters, images, norms: as embed takes them
+
+    Returns:
+        logits, shape (examples, num_outputs)
+    """
+    return F.linear(embed(parameters, images, norms), parameters[f'w{NUM_CONV_LAYERS}'],
+                    parameters[f'b{NUM_CONV_LAYERS}'])
 
 
 def adapt(parameters, inner_lrs, images, labels, num_steps, create_graph, norms=None):

@@ -242,6 +242,49 @@ class OmniglotSampler(torch.utils.data.Sampler):
         return self._num_tasks
 
 
+class ClassifierImages:
+    """Images of a split's characters for pre-training an ordinary classifier (maml_transfer.py):
+    a batch is one task of all the split's classes, (images, labels), and no query set.
+
+    Args:
+        images (torch.Tensor): uint8 images of all classes, shape (1623, 20, 28, 28)
+        split_idxs (np.ndarray): the split's class indices; class split_idxs[c] has label c
+    """
+
+    def __init__(self, images, split_idxs):
+        classes = torch.as_tensor(split_idxs, device=images.device)
+        self._images = images.index_select(0, classes).flatten(0, 1)  # (classes * 20, 28, 28)
+
+    def tasks(self, image_idxs):
+        """image_idxs (int64, shape (batch,)) into the split's images -> [(images (batch, 1, 28,
+        28) float32, labels (batch,) int64)]."""
+        rows = image_idxs.to(self._images.device)
+        return [(self._images.index_select(0, rows).float().unsqueeze(1),
+                 rows // NUM_SAMPLES_PER_CLASS)]
+
+
+class ImageSampler:
+    """Draws images uniformly, with replacement, from num_images."""
+
+    def __init__(self, num_images, generator):
+        self._num_images = num_images
+        self._generator = generator
+
+    def sample(self, num_images):
+        return torch.randint(self._num_images, (num_images,), generator=self._generator)
+
+
+def get_image_dataloader(split, batch_size, num_images_per_epoch, seed=0, device='cpu'):
+    """A TaskLoader of num_images_per_epoch // batch_size batches of a split's images for
+    pre-training a classifier, each [(images (batch_size, 1, 28, 28), labels (batch_size,))]."""
+    split_idxs = split_classes(split)
+    generator = tasks.split_generator(seed, split)
+    dataset = ClassifierImages(images_on(str(device)), split_idxs)
+    sampler = ImageSampler(len(split_idxs) * NUM_SAMPLES_PER_CLASS, generator)
+    return tasks.TaskLoader(dataset, sampler, batch_size, num_images_per_epoch // batch_size,
+                            generator)
+
+
 def check_task_shape(num_way, num_support, num_query, num_classes, split):
     """Raises UserError for a task shape the data cannot provide."""
     for name, value in [('num_way', num_way), ('num_support', num_support),

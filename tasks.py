@@ -5,7 +5,9 @@ The contract, which omniglot.py and metabolism.py both follow:
 - A dataset has `tasks(idxs)`: idxs is an int64 tensor with one row per task (Omniglot: the
   task's class indices, shape (num_tasks, num_way); Metabolism: the task's data set index,
   shape (num_tasks,)); it returns a list of num_tasks task tuples (support inputs, support
-  labels, query inputs, query labels), class-major, labels 0..num_way-1.
+  labels, query inputs, query labels), class-major, labels 0..num_way-1. (Pre-training images
+  for the transfer baseline, omniglot.ClassifierImages, are one task per batch: idxs are
+  images, and the list holds one (images, labels) tuple.)
 - A sampler has `sample(num_tasks)`: the idxs of num_tasks fresh tasks.
 - Both draw from one torch.Generator per (seed, split), so a TaskLoader's state (the
   generator's) is all a checkpoint needs to draw the same tasks again after a resume.

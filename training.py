@@ -2,12 +2,13 @@
 
 A learner (ProtoNet, MAML, ...) subclasses MetaLearner and supplies only
     METRICS            ordered {key: printed label}; 'loss' first, then per-task accuracies
+    TRAIN_METRICS      the same for training, where it measures other things (default METRICS)
     TEST_METRIC        the key whose per-task values `test` averages (a query accuracy)
     architecture       a string naming what the parameters are, checked when a checkpoint loads
     _evaluate(task_batch, train) -> (loss, metrics)
                        loss: mean query loss over the tasks, a 0-dim tensor (with grad if train)
-                       metrics: {key: numpy array of shape (num_tasks,)} for every METRICS key
-                       but 'loss'
+                       metrics: {key: numpy array of shape (num_tasks,)} for every METRICS
+                       (with train, TRAIN_METRICS) key but 'loss'
     _checkpoint_state() / _load_checkpoint_state(state)
                        the learner's own checkpoint keys (parameters and optimizer state)
 and an Adam optimizer in self._optimizer. Everything else lives here, once, including the
@@ -31,6 +32,7 @@ AMP_CHOICES = ('none', 'bf16')
 
 class MetaLearner:
     METRICS = {}
+    TRAIN_METRICS = None
     TEST_METRIC = None
     architecture = None
 
@@ -114,7 +116,7 @@ class MetaLearner:
                 'with --checkpoint_step, or lower the learning rate')
         loss.backward()
         self._optimizer.step()
-        return self._summarize(loss.item(), metrics)
+        return self._summarize(loss.item(), metrics, self.TRAIN_METRICS or self.METRICS)
 
     def validate(self, dataloader_val):
         """Mean loss and metrics over one pass of dataloader_val (fresh tasks every call)."""
@@ -125,7 +127,7 @@ class MetaLearner:
             losses.append(loss.item())
             per_task.append(metrics)
         metrics = {key: np.concatenate([m[key] for m in per_task]) for key in per_task[0]}
-        summary = self._summarize(np.mean(losses), metrics)
+        summary = self._summarize(np.mean(losses), metrics, self.METRICS)
         if self._val_ci95:
             summary['ci95'] = util.mean_and_ci95(metrics[self.TEST_METRIC])[1]
         return summary
@@ -141,13 +143,14 @@ class MetaLearner:
         return mean, ci95
 
     # ----- metrics -----
-    def _summarize(self, loss, metrics):
+    @staticmethod
+    def _summarize(loss, metrics, keys):
         summary = {'loss': float(loss)}
-        summary.update({key: float(np.mean(metrics[key])) for key in self.METRICS if key != 'loss'})
+        summary.update({key: float(np.mean(metrics[key])) for key in keys if key != 'loss'})
         return summary
 
     def _format(self, summary):
-        labels = dict(self.METRICS, ci95='Ci95')
+        labels = dict(self.METRICS, **(self.TRAIN_METRICS or {}), ci95='Ci95')
         return ', '.join(f'{labels[key]}: {value:.3f}' for key, value in summary.items())
 
     @staticmethod

@@ -1,0 +1,159 @@
+"""Transfer learning vs meta-learning (the second handout): pre-train maml.py's convolutional
+network as an ordinary classifier on all 1100 meta-train characters; then, for each few-shot
+task, freeze its convolutional layers, replace its classifier by a new num_way-way linear layer,
+fit that layer on the support set with a few gradient steps, and score the query set.
+
+Pre-training runs on the shared loop of training.py: a training batch is batch_size images of
+the meta-train characters (one 1100-way task, omniglot.ClassifierImages); validation and
+`--test` are few-shot tasks of the val and test characters, adapted by `transfer_learn`.
+"""
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import maml
+import omniglot
+import training
+import util
+
+NUM_CLASSES = omniglot.NUM_TRAIN_CLASSES
+
+
+def transfer_learn(parameters, task, num_steps, learning_rate):
+    """Fits a new linear classifier on the frozen convolutional layers to one task's support
+    set with num_steps steps of gradient descent from zero, and scores its query set.
+
+    Args:
+        parameters (dict[str, Tensor]): pre-trained weights, keys as maml.init_parameters;
+            only the convolutional ones are used, and they receive no gradient
+        task (tuple): (images_support (N*K, 1, 28, 28), labels_support (N*K,),
+            images_query (N*Q, 1, 28, 28), labels_query (N*Q,)), labels 0..N-1
+        num_steps (int): gradient steps on the support loss
+        learning_rate (float): their step size
+
+    Returns:
+        query loss (0-dim Tensor), support accuracy and query accuracy after adaptation (floats)
+    """
+    images_support, labels_support, images_query, labels_query = task
+    with torch.no_grad():  # frozen: features once, each pass with its own batch statistics
+        features_support = maml.embed(parameters, images_support)
+        features_query = maml.embed(parameters, images_query)
+    num_way = int(labels_support.max()) + 1
+    weight = features_support.new_zeros(num_way, features_support.shape[1], requires_grad=True)
+    bias = features_support.new_zeros(num_way, requires_grad=True)
+    with torch.enable_grad():
+        for _ in range(num_steps):
+            loss = F.cross_entropy(F.linear(features_support, weight, bias), labels_support)
+            gradients = torch.autograd.grad(loss, [weight, bias])
+            with torch.no_grad():
+                weight -= learning_rate * gradients[0]
+                bias -= learning_rate * gradients[1]
+    with torch.no_grad():
+        logits_query = F.linear(features_query, weight, bias)
+        return (F.cross_entropy(logits_query, labels_query),
+                util.score(F.linear(features_support, weight, bias), labels_support),
+                util.score(logits_query, labels_query))
+
+
+class TransferLearner(training.MetaLearner):
+    """Pre-trains the network of maml.py as a classifier; adapts it by transfer_learn."""
+    TRAIN_METRICS = {'loss': 'loss', 'accuracy': 'classification accuracy'}
+    METRICS = {'loss': 'loss',
+               'post_adapt_support': 'post-adaptation support accuracy',
+               'post_adapt_query': 'post-adaptation query accuracy'}
+    TEST_METRIC = 'post_adapt_query'
+    architecture = f'transfer/conv{maml.NUM_CONV_LAYERS}x{maml.NUM_HIDDEN_CHANNELS}/{NUM_CLASSES}-way'
+
+    def __init__(self, learning_rate, adapt_steps, adapt_lr, log_dir, device, amp='none',
+                 val_interval=None, save_interval=None):
+        """
+        Args:
+            learning_rate (float): Adam's learning rate for pre-training
+            adapt_steps (int): gradient steps fitting a task's new linear layer
+            adapt_lr (float): their step size
+            log_dir, device, amp, val_interval, save_interval: as training.MetaLearner takes them
+        """
+        super().__init__(log_dir, device, val_interval, save_interval, amp=amp)
+        self._parameters = {key: value.to(device).requires_grad_()
+                            for key, value in maml.init_parameters(NUM_CLASSES).items()}
+        self._adapt_steps = adapt_steps
+        self._adapt_lr = adapt_lr
+        self._optimizer = torch.optim.Adam(self._parameters.values(), lr=learning_rate)
+
+    def _evaluate(self, task_batch, train):
+        """Training: task_batch is [(images (B, 1, 28, 28), labels (B,))] of the meta-train
+        characters, and the loss is the 1100-way cross-entropy. Evaluation: few-shot task
+        tuples, each adapted by transfer_learn. Returns (loss, {metric: per-task array})."""
+        if train:
+            (images, labels), = task_batch
+            images, labels = images.to(self._device), labels.to(self._device)
+            logits = maml.forward(self._parameters, images)
+            return (F.cross_entropy(logits, labels),
+                    {'accuracy': np.array([util.score(logits, labels)])})
+        results = [transfer_learn(self._parameters, [part.to(self._device) for part in task],
+                                  self._adapt_steps, self._adapt_lr) for task in task_batch]
+        losses, support, query = zip(*results)
+        return torch.stack(losses).mean(), {'post_adapt_support': np.array(support),
+                                            'post_adapt_query': np.array(query)}
+
+    def _checkpoint_state(self):
+        return {'parameters': {key: value.detach() for key, value in self._parameters.items()},
+                'optimizer_state_dict': self._optimizer.state_dict()}
+
+    def _load_checkpoint_state(self, state):
+        with torch.no_grad():  # into the tensors the optimizer holds
+            for key, value in self._parameters.items():
+                value.copy_(state['parameters'][key])
+        self._optimizer.load_state_dict(state['optimizer_state_dict'])
+
+
+class PretrainingTasks(omniglot.OmniglotTasks):
+    """Omniglot for transfer learning: training batches are images of the meta-train
+    characters; validation and test batches are few-shot tasks, as for the meta-learners."""
+
+    def loader(self, split, batch_size, num_tasks, device):
+        if split != 'train':
+            return super().loader(split, batch_size, num_tasks, device)
+        return omniglot.get_image_dataloader(split, batch_size, num_tasks, self._seed, device)
+
+
+def default_log_dir(args):
+    return (f'./logs/transfer/omniglot.way_{args.num_way}.support_{args.num_support}'
+            f'.query_{args.num_query}.lr_{args.learning_rate}.batch_size_{args.batch_size}'
+            f'.adapt_steps_{args.adapt_steps}.adapt_lr_{args.adapt_lr}')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser('Pre-train a classifier and transfer it to few-shot tasks!')
+    training.add_common_args(parser, num_train_iterations=5000)
+    parser.set_defaults(num_support=5, batch_size=64)  # the handout: 5-way 5-shot
+    parser.add_argument('--learning_rate', type=float, default=0.001,
+                        help="pre-training learning rate (Adam); --batch_size is the number of "
+                             'images per pre-training step (default 64), and validation draws '
+                             'batch_size * 4 tasks')
+    parser.add_argument('--adapt_steps', type=int, default=100,
+                        help="gradient steps fitting a task's new linear layer on its support "
+                             'set (chosen on validation tasks: 20 steps fit it less well)')
+    parser.add_argument('--adapt_lr', type=float, default=2.0,
+                        help='step size of those gradient steps (chosen among 0.5, 2 and 8 on '
+                             'validation tasks)')
+    return parser.parse_args(argv)
+
+
+def main(args):
+    training.check_common_args(args)
+    util.check_positive(learning_rate=args.learning_rate, adapt_lr=args.adapt_lr)
+    if args.adapt_steps < 0:
+        raise util.UserError(f'--adapt_steps must be 0 or more, got {args.adapt_steps}')
+    training.main(args, PretrainingTasks(args.num_way, args.num_support, args.num_query,
+                                         args.seed),
+                  lambda log_dir, device: TransferLearner(args.learning_rate, args.adapt_steps,
+                                                          args.adapt_lr, log_dir, device,
+                                                          amp=args.amp),
+                  default_log_dir(args))
+
+
+if __name__ == '__main__':
+    util.cli(lambda: main(parse_args()))

@@ -1,0 +1,160 @@
+"""maml_transfer.py: transfer_learn against a plain computation and by hand, pre-training, the
+image batches, resuming, a short real run with --test, user errors."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import maml
+import maml_transfer
+import omniglot
+import reference
+import training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pretrained_like(seed=0):
+    """maml.py's weights with an 1100-way classifier, as the learner holds them."""
+    torch.manual_seed(seed)
+    return {k: v.requires_grad_() for k, v in maml.init_parameters(1100).items()}
+
+
+def test_transfer_learn_equals_plain_gradient_descent_on_reference_features(omniglot_batch):
+    parameters = pretrained_like()
+    task = reference.to_float64(omniglot_batch(1, 5, 2, 3, seed=4))[0]
+    parameters64 = {k: v.detach().double() for k, v in parameters.items()}
+    images_support, labels_support, images_query, labels_query = task
+
+    def features(images):  # the reference network with an identity classifier
+        return reference.maml_forward(dict(parameters64, w4=torch.eye(32, dtype=torch.float64),
+                                           b4=torch.zeros(32, dtype=torch.float64)), images)
+    weight = torch.zeros(5, 32, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    for _ in range(7):
+        loss = F.cross_entropy(features(images_support) @ weight.t() + bias, labels_support)
+        loss.backward()
+        with torch.no_grad():
+            weight -= 0.3 * weight.grad
+            bias -= 0.3 * bias.grad
+        weight.grad = bias.grad = None
+    logits = features(images_query) @ weight.t() + bias
+    loss, support, query = maml_transfer.transfer_learn(parameters64, task, 7, 0.3)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels_query), rtol=1e-10, atol=0)
+    assert query == reference.accuracy(logits, labels_query)
+    assert support == reference.accuracy(features(images_support) @ weight.t() + bias,
+                                         labels_support)
+
+
+def test_transfer_learn_by_hand_and_frozen(omniglot_batch):
+    parameters = pretrained_like()
+    before = {k: v.detach().clone() for k, v in parameters.items()}
+    task = omniglot_batch(1, 5, 2, 3)[0]
+    # no step: the zero classifier gives equal logits, loss log 5, and argmax class 0 (1 in 5)
+    loss, support, query = maml_transfer.transfer_learn(parameters, task, 0, 1.0)
+    assert loss.item() == pytest.approx(math.log(5)) and support == query == pytest.approx(0.2)
+    maml_transfer.transfer_learn(parameters, task, 5, 1.0)
+    assert all(torch.equal(v, before[k]) and v.grad is None for k, v in parameters.items())
+
+
+def test_image_batches_hold_meta_train_characters_with_their_labels():
+    loader = omniglot.get_image_dataloader('train', 6, 12, seed=3)
+    assert len(loader) == 2
+    batch = next(iter(loader))
+    assert len(batch) == 1
+    images, labels = batch[0]
+    assert images.shape == (6, 1, 28, 28) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 1100
+    all_images = torch.from_numpy(omniglot.prepare())
+    train = omniglot.split_classes('train')
+    for image, label in zip(images, labels):  # the image is one of its labelled character's
+        assert (all_images[train[label]].float() == image[0]).all(-1).all(-1).any()
+    again = next(iter(omniglot.get_image_dataloader('train', 6, 12, seed=3)))[0]
+    assert torch.equal(again[1], labels)
+
+
+def test_pretraining_loss_is_the_1100_way_cross_entropy(tmp_path):
+    torch.manual_seed(0)
+    learner = maml_transfer.TransferLearner(0.001, 3, 1.0, str(tmp_path), 'cpu')
+    batch = next(iter(omniglot.get_image_dataloader('train', 8, 8)))
+    loss, metrics = learner._evaluate(batch, train=True)
+    images, labels = batch[0]
+    logits = reference.maml_forward(learner._parameters, images)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels), rtol=1e-5, atol=1e-6)
+    assert metrics['accuracy'] == [reference.accuracy(logits, labels)]
+
+
+def parse(*flags):
+    return maml_transfer.parse_args([*flags])
+
+
+def pretrain(log_dir, num_iterations, checkpoint_step=-1):
+    args = parse('--log_dir', str(log_dir), '--batch_size', '8', '--adapt_steps', '3',
+                 '--num_train_iterations', str(num_iterations),
+                 '--checkpoint_step', str(checkpoint_step))
+    learners = []
+
+    def build(log_dir, device):
+        learners.append(maml_transfer.TransferLearner(args.learning_rate, args.adapt_steps,
+                                                      args.adapt_lr, log_dir, device,
+                                                      val_interval=100, save_interval=2))
+        return learners[0]
+    training.main(args, maml_transfer.PretrainingTasks(args.num_way, args.num_support,
+                                                       args.num_query, args.seed),
+                  build, 'unused')
+    return learners[0]
+
+
+def test_resuming_pretraining_gives_the_same_weights(tmp_path):
+    straight = pretrain(tmp_path / 'a', 5)
+    pretrain(tmp_path / 'b', 3)
+    resumed = pretrain(tmp_path / 'b', 5, checkpoint_step=2)
+    saved = torch.load(tmp_path / 'b' / 'state2.pt', weights_only=True)
+    assert {'parameters', 'optimizer_state_dict'} <= set(saved)
+    for key, value in straight._parameters.items():
+        torch.testing.assert_close(resumed._parameters[key], value, rtol=0, atol=0)
+        assert not torch.equal(saved['parameters'][key], value) or key.startswith('b')
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, 'maml_transfer.py', *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+def test_short_real_pretraining_improves_transfer_and_tests(tmp_path):
+    log_dir = tmp_path / 'run'
+    result = run_script('--num_train_iterations', 51, '--log_dir', log_dir, '--adapt_steps', 30)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'^Iteration 50: loss: \d\.\d{3}, classification accuracy: \d\.\d{3}$',
+                     result.stdout, re.M)
+    validation = [float(v) for v in re.findall(
+        r'^Validation: loss: [\d.]+, post-adaptation support accuracy: [\d.]+, '
+        r'post-adaptation query accuracy: ([\d.]+)$', result.stdout, re.M)]
+    assert len(validation) == 2 and validation[1] > validation[0], result.stdout
+    result = run_script('--test', '--log_dir', log_dir, '--checkpoint_step', 0,
+                        '--adapt_steps', 30)
+    assert result.returncode == 0, result.stderr
+    match = re.search(r'^Accuracy over 600 test tasks: mean (\d\.\d{3}), '
+                      r'95% confidence interval (\d\.\d{3})$', result.stdout, re.M)
+    assert match and 0.2 < float(match[1]) < 1 and 0 < float(match[2]) < 0.05
+
+
+@pytest.mark.parametrize('flags, message', [(('--adapt_steps', '-1'), '--adapt_steps must be'),
+                                            (('--adapt_lr', '0'), '--adapt_lr must be positive')])
+def test_bad_flags_are_one_line_errors(flags, message):
+    result = run_script(*flags)
+    assert result.returncode == 2 and result.stderr.startswith('error: ')
+    assert message in result.stderr and result.stderr.count('\n') == 1
+
+
+def test_default_log_dir_names_every_hyperparameter():
+    assert maml_transfer.default_log_dir(parse()) == (
+        './logs/transfer/omniglot.way_5.support_5.query_15.lr_0.001.batch_size_64'
+        '.adapt_steps_100.adapt_lr_2.0')
