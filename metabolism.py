@@ -285,18 +285,6 @@ class MetabolismDataset:
         return tasks
 
 
-class MetabolismSampler:
-    """Draws the data set of each task uniformly from the split's num_sets data sets."""
-
-    def __init__(self, num_sets, generator):
-        self._num_sets = num_sets
-        self._generator = generator
-
-    def sample(self, num_tasks):
-        """Data set indices of num_tasks tasks, int64 of shape (num_tasks,)."""
-        return torch.randint(self._num_sets, (num_tasks,), generator=self._generator)
-
-
 def check_task_flags(num_way, num_support, num_query):
     """Raises UserError for a task shape no data can provide; needs no data, so scripts call it
     before loading."""
@@ -333,7 +321,7 @@ def metabolism_task_loader(data, split, batch_size, num_way, num_support, num_qu
     features = [torch.from_numpy(data[name]['feature']).to(device) for name in names]
     labels = [torch.from_numpy(data[name]['label']).to(device) for name in names]
     dataset = MetabolismDataset(features, labels, num_support, num_query, generator)
-    sampler = MetabolismSampler(len(names), generator)
+    sampler = tasks.UniformSampler(len(names), generator)
     return tasks.TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size,
                             generator)
 

@@ -263,24 +263,13 @@ class ClassifierImages:
                  rows // NUM_SAMPLES_PER_CLASS)]
 
 
-class ImageSampler:
-    """Draws images uniformly, with replacement, from num_images."""
-
-    def __init__(self, num_images, generator):
-        self._num_images = num_images
-        self._generator = generator
-
-    def sample(self, num_images):
-        return torch.randint(self._num_images, (num_images,), generator=self._generator)
-
-
 def get_image_dataloader(split, batch_size, num_images_per_epoch, seed=0, device='cpu'):
     """A TaskLoader of num_images_per_epoch // batch_size batches of a split's images for
     pre-training a classifier, each [(images (batch_size, 1, 28, 28), labels (batch_size,))]."""
     split_idxs = split_classes(split)
     generator = tasks.split_generator(seed, split)
     dataset = ClassifierImages(images_on(str(device)), split_idxs)
-    sampler = ImageSampler(len(split_idxs) * NUM_SAMPLES_PER_CLASS, generator)
+    sampler = tasks.UniformSampler(len(split_idxs) * NUM_SAMPLES_PER_CLASS, generator)
     return tasks.TaskLoader(dataset, sampler, batch_size, num_images_per_epoch // batch_size,
                             generator)
 

@@ -32,6 +32,19 @@ def generator_from_torch_seed():
     return torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
 
 
+class UniformSampler:
+    """Draws indices uniformly, with replacement, from range(num_items): the data set of each
+    metabolism task, or the images of a pre-training batch."""
+
+    def __init__(self, num_items, generator):
+        self._num_items = num_items
+        self._generator = generator
+
+    def sample(self, num):
+        """num int64 indices, shape (num,)."""
+        return torch.randint(self._num_items, (num,), generator=self._generator)
+
+
 class TaskLoader:
     """Batches of tasks: a batch is a list of batch_size task tuples (the assignment's
     DataLoader with an identity collate gives the same).
