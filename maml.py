@@ -202,8 +202,10 @@ class MAML(training.MetaLearner):
         """Inits MAML.
 
         The network's weights are stored as a dict of leaf tensors, `_meta_parameters`, and the
-        per-parameter inner learning rates as `_inner_lrs` (same keys, 0-dim); one Adam
-        optimizer updates both (the learning rates only with learn_inner_lrs).
+        per-parameter inner learning rates as `_inner_lrs` (same keys; 0-dim, or one per inner
+        step with MAML++'s per-step rates); MAML++'s per-step batch-norm weights and biases are
+        `_step_norms` (else empty). One Adam optimizer updates them all (the learning rates only
+        when learned).
 
         Args:
             num_outputs (int): dimensionality of output, i.e. number of classes in a task

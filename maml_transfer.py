@@ -64,7 +64,8 @@ class TransferLearner(training.MetaLearner):
                'post_adapt_support': 'post-adaptation support accuracy',
                'post_adapt_query': 'post-adaptation query accuracy'}
     TEST_METRIC = 'post_adapt_query'
-    architecture = f'transfer/conv{maml.NUM_CONV_LAYERS}x{maml.NUM_HIDDEN_CHANNELS}/{NUM_CLASSES}-way'
+    architecture = (f'transfer/conv{maml.NUM_CONV_LAYERS}x{maml.NUM_HIDDEN_CHANNELS}'
+                    f'/{NUM_CLASSES}-way')
 
     def __init__(self, learning_rate, adapt_steps, adapt_lr, log_dir, device, amp='none',
                  val_interval=None, save_interval=None):

@@ -74,7 +74,7 @@ def draw(curves, figure, caption):
             ax.plot(steps, accuracies, color=color, alpha=0.35, linewidth=1)
         length = min(len(steps) for steps, _ in runs)
         mean = np.mean([accuracies[:length] for _, accuracies in runs], axis=0)
-        ax.plot(runs[0][0][:length], mean, color=color, linewidth=2.5,
+        ax.plot(runs[0][0][:length], mean, color=color, linewidth=2.5, marker='o', markersize=4,
                 label=f'{method}: mean of {len(runs)} seeds (thin: each seed)')
     ax.set_xlabel('training iteration')
     ax.set_ylabel('validation post-adaptation query accuracy')

@@ -176,7 +176,8 @@ def load_metabolism(datadir, fingerprint='bits'):
     tables = fetch_tables(datadir)
     start = time.perf_counter()
     data = build(tables, fingerprint)
-    print(f'Built Morgan fingerprints ({fingerprint}) of {sum(len(d["label"]) for d in data.values())} '
+    num_molecules = sum(len(entry['label']) for entry in data.values())
+    print(f'Built Morgan fingerprints ({fingerprint}) of {num_molecules} '
           f'molecules in {time.perf_counter() - start:.1f} s.')
     try:
         write_pickle(data, cache)

@@ -135,8 +135,9 @@ class MetaLearner:
     def test(self, dataloader_test):
         """Evaluates every task of dataloader_test; prints the mean and its 95% interval."""
         with self._autocast():
-            accuracies = np.concatenate([self._evaluate(task_batch, train=False)[1][self.TEST_METRIC]
-                                         for task_batch in dataloader_test])
+            accuracies = np.concatenate([
+                self._evaluate(task_batch, train=False)[1][self.TEST_METRIC]
+                for task_batch in dataloader_test])
         mean, ci95 = util.mean_and_ci95(accuracies)
         print(f'Accuracy over {len(accuracies)} test tasks: mean {mean:.3f}, '
               f'95% confidence interval {ci95:.3f}')

@@ -36,4 +36,5 @@ def test_gradients_as_a_dict_lose_the_points_of_2a_0_and_2a_1(capsys, monkeypatc
 
     monkeypatch.setattr(grader.maml, 'adapt', dict_gradients)
     assert grader.run(['2a-0-basic', '2a-1-basic']) == (0, 4)
-    assert capsys.readouterr().out.count('FAIL: AssertionError: gradients must be the sequence') == 2
+    output = capsys.readouterr().out
+    assert output.count('FAIL: AssertionError: gradients must be the sequence') == 2
