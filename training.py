@@ -16,7 +16,9 @@ opt-in reduced precision (`amp`, from --amp): bfloat16 autocast around every `_e
 A script's main() checks its flags, then calls `main` below with its data set's task source
 (tasks.py) and a function that builds its learner.
 """
+import datetime
 import os
+import sys
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ LOG_INTERVAL = 10
 VAL_INTERVAL = 50
 SAVE_INTERVAL = 100
 NUM_TEST_TASKS = 600
+FLAGS_FILE = 'flags.json'  # how a run was made, written as training starts
 AMP_CHOICES = ('none', 'bf16')
 
 
@@ -141,7 +144,7 @@ class MetaLearner:
         mean, ci95 = util.mean_and_ci95(accuracies)
         print(f'Accuracy over {len(accuracies)} test tasks: mean {mean:.3f}, '
               f'95% confidence interval {ci95:.3f}')
-        return mean, ci95
+        return mean, ci95, accuracies
 
     # ----- metrics -----
     @staticmethod
@@ -260,11 +263,50 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
     else:
         print('Checkpoint loading skipped.')
     if args.test:
-        return learner.test(task_source.loader('test', 1, NUM_TEST_TASKS, device))
+        result = learner.test(task_source.loader('test', 1, NUM_TEST_TASKS, device))
+        write_test_result(args, log_dir, *result)
+        return result
+    util.atomic_write_json(run_record(args), os.path.join(log_dir, FLAGS_FILE))
     num_training_tasks = args.batch_size * (args.num_train_iterations - args.checkpoint_step - 1)
     dataloader_train = task_source.loader('train', args.batch_size, num_training_tasks, device)
     dataloader_val = task_source.loader('val', args.batch_size,
                                         num_val_tasks or args.batch_size * 4, device)
     from torch.utils.tensorboard import SummaryWriter  # slow import; training only
     with SummaryWriter(log_dir=log_dir) as writer:
+        log_hparams(writer, args, f'val_accuracy/{learner.TEST_METRIC}')
         return learner.train(dataloader_train, dataloader_val, writer)
+
+
+def run_record(args):
+    """How a run was made: its script, command line, every flag's value, and the date."""
+    return {'script': os.path.basename(sys.argv[0]), 'argv': sys.argv[1:], 'flags': vars(args),
+            'date': datetime.datetime.now().isoformat(timespec='seconds')}
+
+
+def log_hparams(writer, args, metric):
+    """The flags as TensorBoard hparams of this run (its HPARAMS tab), against metric."""
+    from torch.utils.tensorboard.summary import hparams
+    flags = {key: value for key, value in vars(args).items()
+             if isinstance(value, (bool, int, float, str))}
+    for summary in hparams(flags, {metric: 0.0}):  # the metric's values: its logged scalars
+        writer.file_writer.add_summary(summary)
+
+
+def test_result_path(args, log_dir):
+    """{log_dir}/test.way_W.support_K.query_Q[.inner_steps_L].step_S.json."""
+    inner_steps = (f'.inner_steps_{args.num_inner_steps}'
+                   if hasattr(args, 'num_inner_steps') else '')
+    return os.path.join(log_dir, f'test.way_{args.num_way}.support_{args.num_support}'
+                                 f'.query_{args.num_query}{inner_steps}'
+                                 f'.step_{args.checkpoint_step}.json')
+
+
+def write_test_result(args, log_dir, mean, ci95, accuracies):
+    """The --test result as JSON beside the checkpoints: the printed mean and interval, every
+    task's accuracy, the task shape and the checkpoint, and how the run was made."""
+    util.atomic_write_json(dict(
+        run_record(args), mean=float(mean), ci95=float(ci95),
+        accuracies=[float(a) for a in accuracies], num_tasks=len(accuracies),
+        way=args.num_way, shot=args.num_support, query=args.num_query,
+        inner_steps=getattr(args, 'num_inner_steps', None),
+        checkpoint_step=args.checkpoint_step), test_result_path(args, log_dir))

@@ -1,6 +1,7 @@
 """Small helpers shared by every script: accuracy, devices, user errors, atomic saves,
 downloads."""
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -88,6 +89,20 @@ def atomic_save(obj, path):
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(obj, path):
+    """Writes obj as indented JSON to a temp file in path's folder, then renames it to path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix='.json')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump(obj, f, indent=1)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -446,3 +446,9 @@ def test_mamlpp_checkpoint_with_other_inner_steps_is_a_clear_error(tmp_path):
     with pytest.raises(util.UserError, match='per-step-lrs-2 model, but these flags build a '
                                              '.*per-step-lrs-5 model'):
         tested.load(0)
+
+
+def test_test_result_file_names_the_task_shape_and_inner_steps():
+    args = parse(['--num_support', '3', '--num_inner_steps', '2', '--checkpoint_step', '7'])
+    assert training.test_result_path(args, 'logs') == (
+        'logs/test.way_5.support_3.query_15.inner_steps_2.step_7.json')

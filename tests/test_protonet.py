@@ -1,4 +1,5 @@
 """protonet.py: the step against hand computations and a plain implementation, real training."""
+import json
 import math
 import re
 import subprocess
@@ -100,6 +101,10 @@ def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path):
     state = torch.load(log_dir / 'state0.pt', weights_only=True)
     assert {'network_state_dict', 'optimizer_state_dict'} <= set(state)
     assert sorted(p.name for p in log_dir.glob('*.pt')) == ['state0.pt']  # no temp files left
+    record = json.loads((log_dir / 'flags.json').read_text())
+    assert record['script'] == 'protonet.py' and record['flags']['num_support'] == 5
+    assert record['flags']['num_train_iterations'] == 51 and record['flags']['seed'] == 0
+    assert '_hparams_/experiment' in events.PluginTagToContent('hparams')  # the same run
 
     output = run_script('protonet.py', '--test', '--log_dir', str(log_dir),
                         '--checkpoint_step', '0', '--num_support', '2', '--num_query', '10').stdout
@@ -107,3 +112,9 @@ def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path):
     match = re.search(r'^Accuracy over 600 test tasks: mean (\d\.\d{3}), '
                       r'95% confidence interval (\d\.\d{3})$', output, re.M)
     assert match and 0.2 < float(match[1]) <= 1 and 0 < float(match[2]) < 0.05, output
+    result = json.loads((log_dir / 'test.way_5.support_2.query_10.step_0.json').read_text())
+    assert (f"{result['mean']:.3f}", f"{result['ci95']:.3f}") == (match[1], match[2])
+    assert result['num_tasks'] == len(result['accuracies']) == 600
+    assert result['mean'] == pytest.approx(np.mean(result['accuracies']))
+    assert (result['way'], result['shot'], result['query'], result['checkpoint_step']) == (
+        5, 2, 10, 0)
