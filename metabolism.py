@@ -7,7 +7,6 @@ and cache it under that name. Each data set then lives in one float32 tensor on 
 device, and a task is a few indexing operations.
 """
 import csv
-import os
 import pickle
 import time
 from pathlib import Path
@@ -177,8 +176,8 @@ def load_metabolism(datadir, fingerprint='bits'):
     start = time.perf_counter()
     data = build(tables, fingerprint)
     num_molecules = sum(len(entry['label']) for entry in data.values())
-    print(f'Built Morgan fingerprints ({fingerprint}) of {num_molecules} '
-          f'molecules in {time.perf_counter() - start:.1f} s.')
+    print(f'Built Morgan fingerprints of {num_molecules} molecules ({fingerprint}) in '
+          f'{time.perf_counter() - start:.1f} s.')
     try:
         write_pickle(data, cache)
         print(f'Cached them in {cache}.')
@@ -199,14 +198,9 @@ def read_pickle(path):
 
 
 def write_pickle(data, path):
-    """Pickles data to a temp file in the same folder, then renames: never a half-written file."""
-    tmp = path.with_name(f'.tmp_{os.getpid()}_{path.name}')  # the pid keeps two builds apart
-    try:
-        with open(tmp, 'wb') as file:
-            pickle.dump(data, file, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Pickles data to path through util.atomic_file: never a half-written file."""
+    with util.atomic_file(path) as file:
+        pickle.dump(data, file, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def checked(data, path):

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 import tasks
 import util
@@ -129,10 +128,8 @@ def prepare(folder=None):
             characters.update(read_zip(path))
     validate(characters, source)
     images = np.stack([np.stack(characters[name]) for name in sorted(characters)])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name('.tmp_' + CACHE_NAME)
-    np.save(tmp, images)
-    os.replace(tmp, cache)
+    with util.atomic_file(cache) as file:
+        np.save(file, images)
     return images
 
 

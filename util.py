@@ -1,5 +1,6 @@
 """Small helpers shared by every script: accuracy, devices, user errors, atomic saves,
 downloads."""
+import contextlib
 import hashlib
 import json
 import os
@@ -81,32 +82,38 @@ def seed_everything(seed):
     np.random.seed(seed)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
+@contextlib.contextmanager
+def atomic_file(path, mode='wb'):
+    """Opens a temp file in path's folder (created if missing) for writing, and renames it to
+    path when the block ends; if the block raises, or Ctrl-C stops it, the temp file goes and
+    whatever was at path stays intact: never a half-written file.
+
+    Args:
+        path (str or Path): the file to write
+        mode (str): 'wb' or 'w'
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix='.pt')
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_')
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as file:
+            yield file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save(obj, path) through atomic_file."""
+    with atomic_file(path) as file:
+        torch.save(obj, file)
 
 
 def atomic_write_json(obj, path):
-    """Writes obj as indented JSON to a temp file in path's folder, then renames it to path."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix='.json')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """obj as indented JSON at path, through atomic_file."""
+    with atomic_file(path, 'w') as file:
+        json.dump(obj, file, indent=1)
 
 
 def cli(main):
@@ -130,9 +137,8 @@ def download(url, path, md5=None, fix=''):
         md5 (str): expected hex digest, or None
         fix (str): ends the error message: how the user can supply the file another way
     """
-    tmp = path.with_name(path.name + '.part')
     try:
-        with urllib.request.urlopen(url) as response, open(tmp, 'wb') as out:
+        with urllib.request.urlopen(url) as response, atomic_file(path) as out:
             size = int(response.headers.get('Content-Length') or 0) or None
             digest = hashlib.md5()
             with tqdm(total=size, unit='B', unit_scale=True, desc=path.name) as bar:
@@ -140,15 +146,13 @@ def download(url, path, md5=None, fix=''):
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-        if md5 is not None and digest.hexdigest() != md5:
-            raise UserError(f'{url} has md5 {digest.hexdigest()}, expected {md5}: the download is '
-                            f'corrupt or not the official file; run again, or {fix}')
-        os.replace(tmp, path)
+            if md5 is not None and digest.hexdigest() != md5:
+                raise UserError(f'{url} has md5 {digest.hexdigest()}, expected {md5}: the '
+                                f'download is corrupt or not the official file; run again, or '
+                                f'{fix}')
     except (urllib.error.URLError, OSError) as error:
         raise UserError(f'could not download {url} ({error}); check the network, '
                         f'or {fix}') from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def source_url(variable, official_url):

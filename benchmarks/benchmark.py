@@ -230,11 +230,11 @@ def format_table(rows):
     """The markdown tables of speed and memory."""
     lines = ['| | reference | ours fp32 | speed-up | ours bf16 | speed-up |',
              '|---|---:|---:|---:|---:|---:|']
-    for name, (reference, ours, ours_bf16) in rows.items():
-        bf16 = ([number(ours_bf16.value), ratio(reference, ours_bf16, name)] if ours_bf16
+    for name, (theirs, ours, ours_bf16) in rows.items():
+        bf16 = ([number(ours_bf16.value), ratio(theirs, ours_bf16, name)] if ours_bf16
                 else ['', ''])
         lines.append(f'| {name} | ' + ' | '.join(
-            [number(reference.value), number(ours.value), ratio(reference, ours, name), *bf16])
+            [number(theirs.value), number(ours.value), ratio(theirs, ours, name), *bf16])
             + ' |')
     lines += ['', '| peak memory, MiB | reference | ours fp32 | ours bf16 |', '|---|---:|---:|---:|']
     for name, results in rows.items():

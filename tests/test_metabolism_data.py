@@ -170,7 +170,7 @@ def test_build_through_mirror(built):
     for name in metabolism.ALL_SETS:  # downloaded byte for byte
         assert (datadir / (name.lower() + '.tab')).read_bytes() == (
             RAW / (name.lower() + '.tab')).read_bytes()
-    assert 'Built Morgan fingerprints of 64800 molecules in' in out
+    assert 'Built Morgan fingerprints of 64800 molecules (bits) in' in out
     assert f'Cached them in {datadir / metabolism.CACHE_NAME}.' in out
     assert not list(datadir.glob('.tmp_*')) and not list(datadir.glob('*.part'))
     assert list(data) == list(metabolism.ALL_SETS)
