@@ -128,12 +128,12 @@ def default_log_dir(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser('Pre-train a classifier and transfer it to few-shot tasks!')
-    training.add_common_args(parser, num_train_iterations=5000)
+    training.add_common_args(parser, num_train_iterations=5000,
+                             batch='images per pre-training step (validation draws 4 times as '
+                                   'many tasks)', iteration='pre-training step')
     parser.set_defaults(num_support=5, batch_size=64)  # the handout: 5-way 5-shot
     parser.add_argument('--learning_rate', type=float, default=0.001,
-                        help="pre-training learning rate (Adam); --batch_size is the number of "
-                             'images per pre-training step (default 64), and validation draws '
-                             'batch_size * 4 tasks')
+                        help='pre-training learning rate (Adam)')
     parser.add_argument('--adapt_steps', type=int, default=100,
                         help="gradient steps fitting a task's new linear layer on its support "
                              'set (chosen on validation tasks: 20 steps fit it less well)')

@@ -197,8 +197,10 @@ class MetaLearner:
 
 
 # ----- the command line every script shares -----
-def add_common_args(parser, num_train_iterations):
-    """The assignment's flags that ProtoNet, MAML and the metabolism script all take."""
+def add_common_args(parser, num_train_iterations, batch='tasks per outer-loop update',
+                    iteration='outer-loop update'):
+    """The assignment's flags that every script takes; batch and iteration say what a batch
+    holds and what one training iteration is, for --help."""
     parser.add_argument('--log_dir', type=str, default=None,
                         help='directory to save to or load from')
     parser.add_argument('--num_way', type=int, default=5, help='number of classes in a task')
@@ -206,10 +208,9 @@ def add_common_args(parser, num_train_iterations):
                         help='number of support examples per class in a task')
     parser.add_argument('--num_query', type=int, default=15,
                         help='number of query examples per class in a task')
-    parser.add_argument('--batch_size', type=int, default=16,
-                        help='number of tasks per outer-loop update')
+    parser.add_argument('--batch_size', type=int, default=16, help=f'number of {batch}')
     parser.add_argument('--num_train_iterations', type=int, default=num_train_iterations,
-                        help='number of outer-loop updates to train for')
+                        help=f'number of {iteration}s to train for')
     parser.add_argument('--test', default=False, action='store_true', help='train or test')
     parser.add_argument('--checkpoint_step', type=int, default=-1,
                         help=('checkpoint iteration to load for resuming '
