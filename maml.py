@@ -33,7 +33,7 @@ NUM_CONV_LAYERS = 4
 # MAML++ defaults, from the paper and its Omniglot configurations (HowToTrainYourMAMLPytorch):
 MSL_FRACTION = 0.08  # multi-step loss annealed over 20 of 250 epochs ('multi_step_loss_num_epochs')
 MSL_MIN_WEIGHT = 0.03  # each non-final step keeps 0.03 / steps ('min_value_for_non_final_losses')
-FIRST_ORDER_FRACTION = 1 / 3  # first order for the first 50 of 150 epochs (the paper, section 4)
+FIRST_ORDER_FRACTION = 1 / 3  # ours: the paper used first order for its first 50 epochs
 MIN_OUTER_LR = 1e-5  # cosine annealing of the outer learning rate down to 'min_learning_rate'
 
 
@@ -468,7 +468,8 @@ def add_maml_args(parser, num_train_iterations):
                            'paper: 20 of 250 epochs), then the last step alone')
     plus.add_argument('--derivative_order_annealing', action='store_true',
                       help=f'first order for the first {FIRST_ORDER_FRACTION:.0%}% of training, '
-                           'second order after (the paper: the first 50 of 150 epochs)')
+                           'second order after (the paper: its first 50 epochs; the '
+                           'fraction is ours)')
     plus.add_argument('--per_step_inner_lrs', action='store_true',
                       help='a learned inner learning rate per layer and inner step, initialised '
                            'to --inner_lr (the paper initialised 0.1)')
