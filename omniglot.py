@@ -287,9 +287,11 @@ def check_task_shape(num_way, num_support, num_query, num_classes, split):
 
 @functools.cache
 def images_on(device):
-    """All images as a uint8 tensor (1623, 20, 28, 28) on device, loaded and copied once per
-    process: the train, val and test loaders share it."""
-    return torch.from_numpy(prepare()).to(device)
+    """All images as a uint8 tensor (1623, 20, 28, 28) on device, read from the cache once per
+    process (on the CPU) and copied to each device once: every loader shares it."""
+    if torch.device(device).type != 'cpu':
+        return images_on('cpu').to(device)
+    return torch.from_numpy(prepare())
 
 
 def get_omniglot_dataloader(split, batch_size, num_way, num_support, num_query,
@@ -324,7 +326,7 @@ class OmniglotTasks:
         self._seed = seed
 
     def prepare(self):
-        prepare()
+        images_on('cpu')  # fetches and caches the data set; the loaders reuse what it read
         return f'Omniglot is ready in {data_dir()}.'
 
     def loader(self, split, batch_size, num_tasks, device):
