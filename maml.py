@@ -135,8 +135,8 @@ def adapt(parameters, inner_lrs, images, labels, num_steps, create_graph, norms=
         labels (Tensor): support labels, int64, shape (num_way * num_support,)
         num_steps (int): number of inner steps, >= 0
         create_graph (bool): whether the gradients are differentiable
-        norms (list of dict or None): MAML++'s per-step batch norm: forward's norms at step i
-            are norms[i], and after the last step norms[-1]; None: no affine
+        norms (list of dict or None): forward's norms at step i are norms[i], and after the
+            last step norms[-1] (per_step makes them); None: no affine at any step
 
     Returns:
         the weights before the first step and after each step, num_steps + 1 dicts
@@ -144,9 +144,10 @@ def adapt(parameters, inner_lrs, images, labels, num_steps, create_graph, norms=
         the last step's gradients: the tuple torch.autograd.grad returns, one tensor per
             parameter in the dict's order (empty when num_steps is 0)
     """
+    norms = norms or per_step({}, num_steps)
     trajectory, accuracies, gradients = [parameters], [], ()
     for step in range(num_steps):
-        logits = forward(parameters, images, norms and norms[step])
+        logits = forward(parameters, images, norms[step])
         accuracies.append(util.score(logits, labels))
         loss = F.cross_entropy(logits, labels)
         gradients = torch.autograd.grad(loss, list(parameters.values()),
@@ -155,7 +156,7 @@ def adapt(parameters, inner_lrs, images, labels, num_steps, create_graph, norms=
                       for (key, value), gradient in zip(parameters.items(), gradients)}
         trajectory.append(parameters)
     with torch.no_grad():
-        accuracies.append(util.score(forward(parameters, images, norms and norms[-1]), labels))
+        accuracies.append(util.score(forward(parameters, images, norms[-1]), labels))
     return trajectory, accuracies, gradients
 
 
@@ -179,13 +180,12 @@ def cosine_learning_rate(step, num_steps, initial, final):
     return final + (initial - final) * (1 + math.cos(math.pi * step / num_steps)) / 2
 
 
-def per_step(norms):
-    """MAML++'s per-step batch-norm parameters {name: (rows, 32)} as a list of rows {name: (32,)}
-    for adapt and forward; None when there are none."""
-    if not norms:
-        return None
-    return [{key: value[row] for key, value in norms.items()}
-            for row in range(len(next(iter(norms.values()))))]
+def per_step(norms, num_steps):
+    """MAML++'s per-step batch-norm parameters {name: (rows, 32)} as the list of
+    max(num_steps, 1) rows {name: (32,)} that adapt and forward take, one per inner step (the
+    last also after it); all None (no affine) when norms is empty."""
+    rows = range(max(num_steps, 1))
+    return [{key: value[row] for key, value in norms.items()} if norms else None for row in rows]
 
 
 class MAML(training.MetaLearner):
@@ -276,22 +276,31 @@ class MAML(training.MetaLearner):
                 inner step, one per parameter in _meta_parameters order (empty for zero inner
                 steps); they require grad only when train and not first-order
         """
-        trajectory, accuracies, gradients = self._adapt(images, labels, train)
+        trajectory, accuracies, gradients = self._adapt(images, labels, train,
+                                                        self._norm_rows(train))
         return trajectory[-1], accuracies, gradients
 
-    def _adapt(self, images, labels, train):
-        """adapt() from the meta-parameters, with the inner learning rates, the derivative order
-        and the per-step batch norm of this learner and iteration; in evaluation from detached
-        copies, so that no graph reaches the meta-parameters. Returns what adapt returns."""
-        parameters, lrs, norms = self._meta_parameters, self._inner_lrs, self._step_norms
+    def _norm_rows(self, train):
+        """The per-step batch-norm rows that adapt and the query loss use (per_step), detached
+        in evaluation; built once per batch of tasks."""
+        norms = self._step_norms
+        if not train:
+            norms = {key: value.detach() for key, value in norms.items()}
+        return per_step(norms, self._num_inner_steps)
+
+    def _adapt(self, images, labels, train, norms):
+        """adapt() from the meta-parameters, with the inner learning rates and the derivative
+        order of this learner and iteration and the given norms (_norm_rows); in evaluation
+        from detached copies, so that no graph reaches the meta-parameters. Returns what adapt
+        returns."""
+        parameters, lrs = self._meta_parameters, self._inner_lrs
         if not train:
             parameters = {key: value.detach().requires_grad_() for key, value in parameters.items()}
-            lrs, norms = ({key: value.detach() for key, value in tensors.items()}
-                          for tensors in (lrs, norms))
+            lrs = {key: value.detach() for key, value in lrs.items()}
         with torch.enable_grad():
             trajectory, accuracies, gradients = adapt(
                 parameters, lrs, images, labels, self._num_inner_steps,
-                create_graph=train and self._second_order(), norms=per_step(norms))
+                create_graph=train and self._second_order(), norms=norms)
         if not train:
             trajectory = [{key: value.detach() for key, value in weights.items()}
                           for weights in trajectory]
@@ -302,12 +311,13 @@ class MAML(training.MetaLearner):
         in its first-order part."""
         return not self._first_order and self._iteration >= self._plus.first_order_iterations
 
-    def _query_loss(self, trajectory, images, labels, train):
+    def _query_loss(self, trajectory, norms, images, labels, train):
         """The query loss of the adapted weights, and their logits; while MAML++'s multi-step
         loss anneals in training, the weighted sum of the losses after every inner step.
 
         Args:
             trajectory (list of dict): adapt's weights before and after each inner step
+            norms (list): the per-step batch-norm rows adapt used (_norm_rows)
             images (Tensor): query images, shape (N*Q, 1, height, width)
             labels (Tensor): query labels, shape (N*Q,)
             train (bool): whether we are training
@@ -315,7 +325,6 @@ class MAML(training.MetaLearner):
         Returns:
             loss (0-dim Tensor), logits of the last weights (N*Q, num_way)
         """
-        norms = per_step(self._step_norms) or [None] * max(self._num_inner_steps, 1)
         weights = self._multi_step_loss_weights() if train else None
         if weights is None:
             logits = forward(trajectory[-1], images, norms[-1])
@@ -356,12 +365,14 @@ class MAML(training.MetaLearner):
                 + 1), and the METRICS keys of shape (num_tasks,)
         """
         losses, accuracies_support, accuracies_query = [], [], []
+        norms = self._norm_rows(train)
         for task in task_batch:
             images_support, labels_support, images_query, labels_query = (
                 part.to(self._device) for part in task)
-            trajectory, accuracies, _ = self._adapt(images_support, labels_support, train)
+            trajectory, accuracies, _ = self._adapt(images_support, labels_support, train, norms)
             with torch.set_grad_enabled(train):
-                loss, logits = self._query_loss(trajectory, images_query, labels_query, train)
+                loss, logits = self._query_loss(trajectory, norms, images_query, labels_query,
+                                                train)
                 losses.append(loss)
             accuracies_support.append(accuracies)
             accuracies_query.append(util.score(logits, labels_query))
@@ -419,6 +430,10 @@ class MAML(training.MetaLearner):
         self._optimizer.load_state_dict(state['optimizer_state_dict'])
 
 
+MAMLPP_OPTIONS = ('multi_step_loss', 'derivative_order_annealing', 'per_step_inner_lrs',
+                  'per_step_bn', 'cosine_outer_lr')
+
+
 def default_log_dir(args):
     log_dir = (f'./logs/maml/omniglot.way_{args.num_way}.support_{args.num_support}'
                f'.query_{args.num_query}.inner_steps_{args.num_inner_steps}'
@@ -428,10 +443,6 @@ def default_log_dir(args):
         if getattr(args, option):
             log_dir += f'.{option}_True'
     return log_dir
-
-
-MAMLPP_OPTIONS = ('multi_step_loss', 'derivative_order_annealing', 'per_step_inner_lrs',
-                  'per_step_bn', 'cosine_outer_lr')
 
 
 def plus_plus(args):
