@@ -29,9 +29,11 @@ TAG = 'val_accuracy/post_adapt_query'
 
 
 def validation_curve(log_dir):
-    """(steps, accuracies) of a run's validations, sorted by step; a step logged twice (a
-    resumed run) keeps its last value."""
+    """(steps, accuracies) of a run's validations, sorted by step, empty for a run not yet
+    started; a step logged twice (a resumed run) keeps its last value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    if not Path(log_dir).is_dir():
+        return [], []
     events = EventAccumulator(str(log_dir), size_guidance={'scalars': 0})
     events.Reload()
     if TAG not in events.Tags()['scalars']:
@@ -48,12 +50,12 @@ def latest_checkpoint(log_dir):
 
 
 def run(log_dir, flags, num_train_iterations):
-    """Runs (or resumes, or skips) one maml.py training run."""
+    """Runs (or resumes, or skips) one maml.py training run; returns its validation_curve."""
     last_validation = (num_train_iterations - 1) // training.VAL_INTERVAL * training.VAL_INTERVAL
-    steps, _ = validation_curve(log_dir) if Path(log_dir).is_dir() else ([], [])
-    if last_validation in steps:
+    curve = validation_curve(log_dir)
+    if last_validation in curve[0]:
         print(f'{log_dir}: done, skipped')
-        return
+        return curve
     resume = latest_checkpoint(log_dir)
     command = [sys.executable, str(ROOT / 'maml.py'), *flags, '--log_dir', str(log_dir),
                '--checkpoint_step', str(resume)]
@@ -61,6 +63,7 @@ def run(log_dir, flags, num_train_iterations):
     if subprocess.run(command, stdout=subprocess.DEVNULL).returncode:
         raise util.UserError(f'maml.py failed for {log_dir} (its error is above); fix its flags '
                              'and run again: finished runs are kept')
+    return validation_curve(log_dir)
 
 
 def draw(curves, figure, caption):
@@ -95,9 +98,8 @@ def main(args):
         curves[method] = []
         for seed in args.seeds:
             log_dir = Path(args.log_dir) / f'{method}.seed_{seed}'
-            run(log_dir, SETTING + args.maml_flags + method_flags + ['--seed', str(seed)],
-                maml_args.num_train_iterations)
-            curves[method].append(validation_curve(log_dir))
+            curves[method].append(run(log_dir, SETTING + args.maml_flags + method_flags
+                                      + ['--seed', str(seed)], maml_args.num_train_iterations))
             print(f'{method} seed {seed}: last validation accuracy '
                   f'{curves[method][-1][1][-1]:.3f} at iteration {curves[method][-1][0][-1]}')
     caption = (f"maml.py {' '.join(SETTING + args.maml_flags)}; {maml_args.num_train_iterations} "

@@ -452,3 +452,16 @@ def test_test_result_file_names_the_task_shape_and_inner_steps():
     args = parse(['--num_support', '3', '--num_inner_steps', '2', '--checkpoint_step', '7'])
     assert training.test_result_path(args, 'logs') == (
         'logs/test.way_5.support_3.query_15.inner_steps_2.step_7.json')
+
+
+def test_forward_as_the_assignment_s_outer_step_calls_it(tmp_path, omniglot_batch):
+    """The assignment's _outer_step: parameters, _, _ = self._inner_loop(images_support,
+    labels_support, train); logits = self._forward(images_query, parameters)."""
+    images_support, labels_support, images_query, _ = reference.to_float64(
+        omniglot_batch(1, 5, 1, 3))[0]
+    model = reference.maml_in_float64(maml.MAML(5, 1, 0.4, False, 0.001, str(tmp_path), 'cpu'))
+    parameters, _, _ = model._inner_loop(images_support, labels_support, True)
+    logits = model._forward(images_query, parameters)
+    assert logits.shape == (15, 5) and logits.requires_grad
+    torch.testing.assert_close(logits, reference.maml_forward(parameters, images_query),
+                               rtol=1e-10, atol=1e-12)
