@@ -14,9 +14,10 @@ from torch import nn
 
 
 class TaskBatchNorm(nn.Module):
-    """Batch norm that uses the statistics of each task separately (no running statistics).
+    """Batch norm with the statistics of the batch it is given, one task's, in training and
+    evaluation alike, and no running statistics (nothing to update under torch.func.vmap).
 
-    Equal to nn.BatchNorm in train mode applied to one task at a time.
+    Equal to nn.BatchNorm in train mode applied to one task.
     """
 
     def __init__(self, num_features, eps=1e-5):
@@ -25,13 +26,37 @@ class TaskBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.eps = eps
 
-    def normalize(self, x):
-        """x: one task's (examples, channels, *spatial) -> same shape, with its own statistics."""
-        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-
     def forward(self, x):
-        """x: (num_tasks, examples, channels, *spatial) -> same shape, normalised per task."""
-        return torch.stack([self.normalize(task) for task in x])
+        """x: one task's (examples, channels, *spatial) -> same shape, with its own statistics."""
+        return F.batch_norm(x, None, None, *like(x, self.weight, self.bias), training=True,
+                            eps=self.eps)
+
+
+def autocast_inputs(*tensors):
+    """tensors in the dtype that autocast runs a convolution or matrix product in: its lower
+    precision where autocast is on for their device, else unchanged (None stays None).
+
+    Without torch.func.vmap this is what autocast does anyway; under vmap, autocast does not
+    reach these operations on the CPU (it leaves them in float32, or mixes dtypes that batch
+    norm's backward then refuses; pytorch/pytorch#192617, #184890), so the functions that run
+    under vmap cast for it.
+    """
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def at_least_float32(x):
+    """bfloat16 x (from autocast) as float32; float32 and float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def like(x, *tensors):
+    """tensors (batch norm's weight and bias, or None) in x's dtype: bfloat16 under autocast,
+    where vmap's batch norm needs one dtype for all (see autocast_inputs)."""
+    return tuple(None if t is None else t.to(x.dtype) for t in tensors)
 
 
 def conv_batch_norm(images, weight, bias, norm_weight=None, norm_bias=None, eps=1e-5):
@@ -84,11 +109,13 @@ def fused_affine(patches, weight, bias, norm_weight, norm_bias, eps):
     return torch.cat([affine[:, :-1] * scale[:, None], (affine[:, -1] * scale + shift)[:, None]], 1)
 
 
-def hidden_memory_format(x):
-    """The memory format for the layers after the first, given an activation x.
+def for_hidden_layers(x):
+    """The first layer's output x (channels_last, as conv_batch_norm returns it) in the memory
+    format for the layers after it.
 
-    channels_last under bfloat16 autocast, where convolutions and max pooling run faster; NCHW
-    in float32, because CPU batch norm in channels_last sums its statistics less accurately.
+    Kept channels_last under bfloat16 autocast, where convolutions and max pooling run faster;
+    NCHW in float32, because CPU batch norm in channels_last sums its statistics less
+    accurately. (Keeping the format, not asking for channels_last, also works under
+    torch.func.vmap, which cannot convert a tensor to it.)
     """
-    return (torch.channels_last if torch.is_autocast_enabled(x.device.type)
-            else torch.contiguous_format)
+    return x if torch.is_autocast_enabled(x.device.type) else x.contiguous()

@@ -14,6 +14,7 @@ MAML++ (Antoniou, Edwards, Storkey, "How to train your MAML", ICLR 2019) is five
 same learner, held in PlusPlus; with all of them off, the learner runs plain MAML's operations.
 """
 import argparse
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import layers
 import omniglot
 import training
 import util
@@ -100,9 +102,10 @@ def embed(parameters, images, norms=None):
     """
     x = images
     for i in range(NUM_CONV_LAYERS):
-        x = F.conv2d(x, parameters[f'conv{i}'], parameters[f'b{i}'], stride=1, padding='same')
+        x = F.conv2d(*layers.autocast_inputs(x, parameters[f'conv{i}'], parameters[f'b{i}']),
+                     stride=1, padding='same')
         weight, bias = (norms[f'gamma{i}'], norms[f'beta{i}']) if norms else (None, None)
-        x = F.batch_norm(x, None, None, weight, bias, training=True)
+        x = F.batch_norm(x, None, None, *layers.like(x, weight, bias), training=True)
         x = F.relu(x)
     return x.mean(dim=(2, 3))
 
@@ -116,48 +119,132 @@ def forward(parameters, images, norms=None):
     Returns:
         logits, shape (examples, num_outputs)
     """
-    return F.linear(embed(parameters, images, norms), parameters[f'w{NUM_CONV_LAYERS}'],
-                    parameters[f'b{NUM_CONV_LAYERS}'])
+    return F.linear(*layers.autocast_inputs(embed(parameters, images, norms),
+                                            parameters[f'w{NUM_CONV_LAYERS}'],
+                                            parameters[f'b{NUM_CONV_LAYERS}']))
 
 
-def adapt(parameters, inner_lrs, images, labels, num_steps, create_graph, norms=None):
+def loss_and_logits(parameters, images, labels, norms=None):
+    """Cross-entropy of forward's logits, and the logits; arguments as forward and adapt take
+    them. Returns (0-dim Tensor, logits of shape (examples, num_outputs))."""
+    logits = forward(parameters, images, norms)
+    # float32 under autocast, as autocast itself runs cross-entropy (not reached under vmap)
+    return F.cross_entropy(layers.at_least_float32(logits), labels), logits
+
+
+def autograd_gradient(create_graph):
+    """adapt's gradient function for one task at a time: torch.autograd.grad of loss_and_logits,
+    differentiable when create_graph (second order). With grad mode off (evaluation) it
+    differentiates leaf copies of the weights, so that no graph reaches the meta-parameters."""
+    def gradient(parameters, images, labels, norms):
+        with torch.enable_grad():
+            parameters = {key: value if value.requires_grad else value.detach().requires_grad_()
+                          for key, value in parameters.items()}
+            loss, logits = loss_and_logits(parameters, images, labels, norms)
+            return torch.autograd.grad(loss, list(parameters.values()),
+                                       create_graph=create_graph), logits
+    return gradient
+
+
+def func_gradient(create_graph):
+    """adapt's gradient function that torch.func.vmap can batch over tasks: torch.func.grad of
+    loss_and_logits, which the outer backward differentiates (second order); without
+    create_graph the gradients are detached, constants of the outer backward (first order)."""
+    def gradient(parameters, images, labels, norms):
+        gradients, logits = torch.func.grad(loss_and_logits, has_aux=True)(parameters, images,
+                                                                         labels, norms)
+        gradients = tuple(gradients.values())
+        return gradients if create_graph else tuple(g.detach() for g in gradients), logits
+    return gradient
+
+
+def adapt(parameters, inner_lrs, images, labels, num_steps, gradient, norms=None):
     """The inner loop: num_steps gradient steps on one task's support loss.
 
-    Each step is phi <- phi - inner_lrs[key] * grad_phi L(phi). With create_graph the gradients
-    are differentiable (second-order MAML); without, they are constants and the result is still
-    differentiable through the update itself (first-order MAML) if parameters require grad.
+    Each step is phi <- phi - inner_lrs[key] * grad_phi L(phi). The gradient function decides
+    how the gradients are taken: autograd_gradient (one task at a time) or func_gradient
+    (under torch.func.vmap), each differentiable (second-order MAML) or constant (first-order
+    MAML: the result is still differentiable through the update itself).
 
     Args:
-        parameters (dict[str, Tensor]): starting weights; each must require grad
+        parameters (dict[str, Tensor]): starting weights
         inner_lrs (dict[str, Tensor]): same keys; each 0-dim (one learning rate for every step)
             or of shape (num_steps,) (MAML++: one per step)
         images (Tensor): support images, shape (num_way * num_support, 1, height, width)
         labels (Tensor): support labels, int64, shape (num_way * num_support,)
         num_steps (int): number of inner steps, >= 0
-        create_graph (bool): whether the gradients are differentiable
+        gradient (callable): (parameters, images, labels, norms) -> (the gradients of
+            loss_and_logits, one tensor per parameter in the dict's order; the logits)
         norms (list of dict or None): forward's norms at step i are norms[i], and after the
             last step norms[-1] (per_step makes them); None: no affine at any step
 
     Returns:
         the weights before the first step and after each step, num_steps + 1 dicts
-        support accuracies before each step and after the last, a list of num_steps + 1 floats
-        the last step's gradients: the tuple torch.autograd.grad returns, one tensor per
-            parameter in the dict's order (empty when num_steps is 0)
+        support logits before each step and after the last, num_steps + 1 Tensors of shape
+            (num_way * num_support, num_outputs)
+        the last step's gradients, a tuple with one tensor per parameter in the dict's order
+            (empty when num_steps is 0)
     """
     norms = norms or per_step({}, num_steps)
-    trajectory, accuracies, gradients = [parameters], [], ()
+    trajectory, logits, gradients = [parameters], [], ()
     for step in range(num_steps):
-        logits = forward(parameters, images, norms[step])
-        accuracies.append(util.score(logits, labels))
-        loss = F.cross_entropy(logits, labels)
-        gradients = torch.autograd.grad(loss, list(parameters.values()),
-                                        create_graph=create_graph)
-        parameters = {key: value - at_step(inner_lrs[key], step) * gradient
-                      for (key, value), gradient in zip(parameters.items(), gradients)}
+        gradients, step_logits = gradient(parameters, images, labels, norms[step])
+        logits.append(step_logits)
+        parameters = {key: value - at_step(inner_lrs[key], step) * step_gradient
+                      for (key, value), step_gradient in zip(parameters.items(), gradients)}
         trajectory.append(parameters)
     with torch.no_grad():
-        accuracies.append(util.score(forward(parameters, images, norms[-1]), labels))
-    return trajectory, accuracies, gradients
+        logits.append(forward(parameters, images, norms[-1]))
+    return trajectory, logits, gradients
+
+
+def query_loss(trajectory, norms, images, labels, loss_weights=None):
+    """The query loss of the adapted weights, and their logits; with loss_weights (MAML++'s
+    multi-step loss), the weighted sum of the query losses after every inner step.
+
+    Args:
+        trajectory (list of dict): adapt's weights before and after each inner step
+        norms (list): the per-step batch-norm rows adapt used (per_step)
+        images (Tensor): query images, shape (N*Q, 1, height, width)
+        labels (Tensor): query labels, shape (N*Q,)
+        loss_weights (list of float or None): one weight per inner step
+
+    Returns:
+        loss (0-dim Tensor), logits of the last weights (N*Q, num_outputs)
+    """
+    if loss_weights is None:
+        return loss_and_logits(trajectory[-1], images, labels, norms[-1])
+    losses = []
+    for weight, parameters, step_norms in zip(loss_weights, trajectory[1:], norms, strict=True):
+        loss, logits = loss_and_logits(parameters, images, labels, step_norms)
+        losses.append(weight * loss)
+    return sum(losses), logits
+
+
+def task_objective(images_support, labels_support, images_query, labels_query, *, parameters,
+                   inner_lrs, norms, num_steps, gradient, loss_weights):
+    """One task's MAML objective, a pure function of the task's data and the weights, which
+    torch.func.vmap batches over tasks (its positional arguments): adapt to the support set,
+    then query_loss.
+
+    Args:
+        images_support (Tensor): shape (N*K, 1, height, width)
+        labels_support (Tensor): int64, shape (N*K,)
+        images_query (Tensor): shape (N*Q, 1, height, width)
+        labels_query (Tensor): int64, shape (N*Q,)
+        parameters, inner_lrs, num_steps, gradient: as adapt takes them
+        norms (list): per_step's rows, one per inner step
+        loss_weights (list of float or None): as query_loss takes them
+
+    Returns:
+        query loss (0-dim Tensor)
+        support logits before each step and after the last, shape (num_steps + 1, N*K, N)
+        query logits of the adapted weights, shape (N*Q, N)
+    """
+    trajectory, logits_support, _ = adapt(parameters, inner_lrs, images_support, labels_support,
+                                          num_steps, gradient, norms)
+    loss, logits_query = query_loss(trajectory, norms, images_query, labels_query, loss_weights)
+    return loss, torch.stack(logits_support), logits_query
 
 
 def at_step(learning_rate, step):
@@ -198,7 +285,7 @@ class MAML(training.MetaLearner):
 
     def __init__(self, num_outputs, num_inner_steps, inner_lr, learn_inner_lrs, outer_lr,
                  log_dir, device, first_order=False, val_interval=None, save_interval=None,
-                 amp='none', plus=PlusPlus()):
+                 amp='none', plus=PlusPlus(), tasks='loop'):
         """Inits MAML.
 
         The network's weights are stored as a dict of leaf tensors, `_meta_parameters`, and the
@@ -221,8 +308,9 @@ class MAML(training.MetaLearner):
             val_interval, save_interval (int): steps between validations / checkpoints
             amp (str): 'bf16' for bfloat16 autocast (--amp), 'none' for float32
             plus (PlusPlus): the MAML++ options; all off by default
+            tasks (str): 'loop', 'batched' or 'auto' (--tasks; training.batched_tasks)
         """
-        super().__init__(log_dir, device, val_interval, save_interval, amp=amp)
+        super().__init__(log_dir, device, val_interval, save_interval, amp=amp, tasks=tasks)
         self._meta_parameters = {key: value.to(device).requires_grad_()
                                  for key, value in init_parameters(num_outputs).items()}
         lr_shape = (num_inner_steps,) if plus.per_step_inner_lrs else ()
@@ -276,9 +364,14 @@ class MAML(training.MetaLearner):
                 inner step, one per parameter in _meta_parameters order (empty for zero inner
                 steps); they require grad only when train and not first-order
         """
-        trajectory, accuracies, gradients = self._adapt(images, labels, train,
-                                                        self._norm_rows(train))
-        return trajectory[-1], accuracies, gradients
+        with torch.set_grad_enabled(train):
+            trajectory, logits, gradients = adapt(
+                self._meta_parameters, self._inner_lrs, images, labels, self._num_inner_steps,
+                autograd_gradient(train and self._second_order()), self._norm_rows(train))
+        parameters = trajectory[-1]
+        if not train:  # zero inner steps: the meta-parameters themselves
+            parameters = {key: value.detach() for key, value in parameters.items()}
+        return parameters, [util.score(step_logits, labels) for step_logits in logits], gradients
 
     def _norm_rows(self, train):
         """The per-step batch-norm rows that adapt and the query loss use (per_step), detached
@@ -288,52 +381,10 @@ class MAML(training.MetaLearner):
             norms = {key: value.detach() for key, value in norms.items()}
         return per_step(norms, self._num_inner_steps)
 
-    def _adapt(self, images, labels, train, norms):
-        """adapt() from the meta-parameters, with the inner learning rates and the derivative
-        order of this learner and iteration and the given norms (_norm_rows); in evaluation
-        from detached copies, so that no graph reaches the meta-parameters. Returns what adapt
-        returns."""
-        parameters, lrs = self._meta_parameters, self._inner_lrs
-        if not train:
-            parameters = {key: value.detach().requires_grad_() for key, value in parameters.items()}
-            lrs = {key: value.detach() for key, value in lrs.items()}
-        with torch.enable_grad():
-            trajectory, accuracies, gradients = adapt(
-                parameters, lrs, images, labels, self._num_inner_steps,
-                create_graph=train and self._second_order(), norms=norms)
-        if not train:
-            trajectory = [{key: value.detach() for key, value in weights.items()}
-                          for weights in trajectory]
-        return trajectory, accuracies, gradients
-
     def _second_order(self):
         """Second order unless --first_order, or MAML++'s derivative-order annealing is still
         in its first-order part."""
         return not self._first_order and self._iteration >= self._plus.first_order_iterations
-
-    def _query_loss(self, trajectory, norms, images, labels, train):
-        """The query loss of the adapted weights, and their logits; while MAML++'s multi-step
-        loss anneals in training, the weighted sum of the losses after every inner step.
-
-        Args:
-            trajectory (list of dict): adapt's weights before and after each inner step
-            norms (list): the per-step batch-norm rows adapt used (_norm_rows)
-            images (Tensor): query images, shape (N*Q, 1, height, width)
-            labels (Tensor): query labels, shape (N*Q,)
-            train (bool): whether we are training
-
-        Returns:
-            loss (0-dim Tensor), logits of the last weights (N*Q, num_way)
-        """
-        weights = self._multi_step_loss_weights() if train else None
-        if weights is None:
-            logits = forward(trajectory[-1], images, norms[-1])
-            return F.cross_entropy(logits, labels), logits
-        losses = []
-        for weight, parameters, step_norms in zip(weights, trajectory[1:], norms, strict=True):
-            logits = forward(parameters, images, step_norms)
-            losses.append(weight * F.cross_entropy(logits, labels))
-        return sum(losses), logits
 
     def _multi_step_loss_weights(self):
         """The query-loss weight of each inner step at this iteration, or None: multi-step loss
@@ -356,32 +407,36 @@ class MAML(training.MetaLearner):
         return super()._train_step(task_batch, step)
 
     def _evaluate(self, task_batch, train):
-        """The MAML objective on each task of a batch, one task at a time; task_batch and
-        train as _outer_step takes them.
+        """The MAML objective on each task of a batch, one task at a time or (--tasks batched)
+        all at once under torch.func.vmap; task_batch and train as _outer_step takes them.
 
         Returns:
             mean query loss over the tasks, a 0-dim Tensor (with grad only when train)
             {metric key: numpy array}: 'support_per_step' of shape (num_tasks, num_inner_steps
                 + 1), and the METRICS keys of shape (num_tasks,)
         """
-        losses, accuracies_support, accuracies_query = [], [], []
-        norms = self._norm_rows(train)
-        for task in task_batch:
-            images_support, labels_support, images_query, labels_query = (
-                part.to(self._device) for part in task)
-            trajectory, accuracies, _ = self._adapt(images_support, labels_support, train, norms)
-            with torch.set_grad_enabled(train):
-                loss, logits = self._query_loss(trajectory, norms, images_query, labels_query,
-                                                train)
-                losses.append(loss)
-            accuracies_support.append(accuracies)
-            accuracies_query.append(util.score(logits, labels_query))
-        accuracies_support = np.array(accuracies_support, dtype=np.float64)
-        return torch.stack(losses).mean(), {
+        tasks = [torch.stack(part).to(self._device) for part in zip(*task_batch)]
+        create_graph = train and self._second_order()
+        objective = functools.partial(
+            task_objective, parameters=self._meta_parameters, inner_lrs=self._inner_lrs,
+            norms=self._norm_rows(train), num_steps=self._num_inner_steps,
+            loss_weights=self._multi_step_loss_weights() if train else None)
+        with torch.set_grad_enabled(train):
+            if self._batched:
+                losses, logits_support, logits_query = torch.func.vmap(functools.partial(
+                    objective, gradient=func_gradient(create_graph)))(*tasks)
+            else:
+                gradient = autograd_gradient(create_graph)
+                losses, logits_support, logits_query = (
+                    torch.stack(results) for results in zip(*(
+                        objective(*task, gradient=gradient) for task in zip(*tasks))))
+        _, labels_support, _, labels_query = tasks
+        accuracies_support = util.accuracy_per_task(logits_support, labels_support[:, None])
+        return losses.mean(), {
             'support_per_step': accuracies_support,
             'pre_adapt_support': accuracies_support[:, 0],
             'post_adapt_support': accuracies_support[:, -1],
-            'post_adapt_query': np.array(accuracies_query, dtype=np.float64)}
+            'post_adapt_query': util.accuracy_per_task(logits_query, labels_query)}
 
     def _outer_step(self, task_batch, train):
         """The assignment's interface to _evaluate: the MAML loss and metrics of a batch.
@@ -458,6 +513,7 @@ def plus_plus(args):
 
 def add_maml_args(parser, num_train_iterations):
     training.add_common_args(parser, num_train_iterations)
+    training.add_tasks_arg(parser)
     parser.add_argument('--num_inner_steps', type=int, default=1,
                         help='number of inner-loop updates')
     parser.add_argument('--inner_lr', type=float, default=0.4,
@@ -502,7 +558,7 @@ def main(args):
                   lambda log_dir, device: MAML(
                       args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs,
                       args.outer_lr, log_dir, device, args.first_order, amp=args.amp,
-                      plus=plus_plus(args)),
+                      plus=plus_plus(args), tasks=args.tasks),
                   default_log_dir(args))
 
 

@@ -21,8 +21,8 @@ class ProtoNetNetwork(nn.Module):
     """Container for ProtoNet weights and image-to-latent computation.
 
     4 blocks of [conv 3x3 -> batch norm -> ReLU -> max pool 2]: 28 -> 14 -> 7 -> 3 -> 1.
-    The tasks go through one at a time, each with its own batch statistics (on a CPU one task's
-    activations stay in cache; benchmarks/README.md measured the batched alternative).
+    A function of one task's images, so batch norm uses that task's statistics; ProtoNet runs
+    it on a batch's tasks one at a time or all at once (per_task).
     """
 
     def __init__(self):
@@ -32,7 +32,7 @@ class ProtoNetNetwork(nn.Module):
                                    for c_in, c_out in zip(channels, channels[1:]))
         self.norms = nn.ModuleList(layers.TaskBatchNorm(c) for c in channels[1:])
 
-    def embed(self, images):
+    def forward(self, images):
         """One task's images (examples, channels, height, width) -> latents (examples, 64).
 
         The first convolution and its batch norm are one matrix product (layers.py), whose
@@ -45,21 +45,28 @@ class ProtoNetNetwork(nn.Module):
         x = layers.conv_batch_norm(images, first_conv.weight, first_conv.bias,
                                    first_norm.weight, first_norm.bias, first_norm.eps)
         x = F.relu(F.max_pool2d(x, 2))
-        x = x.contiguous(memory_format=layers.hidden_memory_format(x))
+        x = layers.for_hidden_layers(x)
         for conv, norm in rest:
-            x = F.relu(F.max_pool2d(norm.normalize(conv(x)), 2))
+            x = F.conv2d(*layers.autocast_inputs(x, conv.weight, conv.bias), padding='same')
+            x = F.relu(F.max_pool2d(norm(x), 2))
         return x.flatten(1)
 
-    def forward(self, images):
-        """Computes the latent representation of a batch of tasks' images.
 
-        Args:
-            images (Tensor): shape (num_tasks, examples, channels, height, width)
+def per_task(network, batched):
+    """network, a function of one task's examples, as a function of a batch of tasks: all at
+    once under torch.func.vmap (batched), or one task at a time. Either way batch norm in it
+    uses each task's own statistics.
 
-        Returns:
-            a Tensor of shape (num_tasks, examples, latents)
-        """
-        return torch.stack([self.embed(task) for task in images])
+    Args:
+        network (callable): one task's inputs (examples, ...) -> latents (examples, latents)
+        batched (bool): vmap over the tasks, or a loop
+
+    Returns:
+        a function of inputs (num_tasks, examples, ...) -> latents (num_tasks, examples, latents)
+    """
+    if batched:
+        return torch.func.vmap(network)
+    return lambda inputs: torch.stack([network(task) for task in inputs])
 
 
 def prototype_logits(latents_support, labels_support, latents_query, num_way):
@@ -83,18 +90,13 @@ def prototype_logits(latents_support, labels_support, latents_query, num_way):
     return -(latents_query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
 
 
-def at_least_float32(latents):
-    """bfloat16 latents (from autocast) as float32; float32 and float64 ones unchanged."""
-    return latents.to(torch.promote_types(latents.dtype, torch.float32))
-
-
 class ProtoNet(training.MetaLearner):
     """Trains and assesses a prototypical network."""
     METRICS = {'loss': 'loss', 'support': 'support accuracy', 'query': 'query accuracy'}
     TEST_METRIC = 'query'
 
     def __init__(self, learning_rate, log_dir, device, compile=False, backend=None, learner=None,
-                 val_interval=None, save_interval=None, bio=False, amp='none'):
+                 val_interval=None, save_interval=None, bio=False, amp='none', tasks='loop'):
         """Inits ProtoNet.
 
         Args:
@@ -103,17 +105,20 @@ class ProtoNet(training.MetaLearner):
             device (torch.device): device to train and test on
             compile (bool): whether to torch.compile the network
             backend (str): torch.compile backend
-            learner (nn.Module): replaces the conv network; maps (num_tasks, examples, ...)
-                to (num_tasks, examples, latents) with per-task batch statistics
+            learner (nn.Module): replaces the conv network; maps one task's inputs
+                (examples, ...) to latents (examples, latents)
             val_interval, save_interval (int): steps between validations / checkpoints
             bio (bool): molecule data: validation also reports its 95% interval
             amp (str): 'bf16' for bfloat16 autocast (--amp), 'none' for float32
+            tasks (str): 'loop', 'batched' or 'auto' (--tasks; training.batched_tasks)
         """
-        super().__init__(log_dir, device, val_interval, save_interval, val_ci95=bio, amp=amp)
+        super().__init__(log_dir, device, val_interval, save_interval, val_ci95=bio, amp=amp,
+                         tasks=tasks)
         self._network = (learner or ProtoNetNetwork()).to(device)
         self.architecture = f'protonet/{type(self._network).__name__}'
-        self._forward = (torch.compile(self._network, backend=backend or 'inductor')
-                         if compile else self._network)
+        self._forward = per_task(self._network, self._batched)
+        if compile:
+            self._forward = torch.compile(self._forward, backend=backend or 'inductor')
         self._optimizer = torch.optim.Adam(self._network.parameters(), lr=learning_rate)
 
     def _evaluate(self, task_batch, train):
@@ -121,8 +126,8 @@ class ProtoNet(training.MetaLearner):
             torch.stack(part).to(self._device) for part in zip(*task_batch))
         num_way = len(labels_support[0].unique())
         with torch.set_grad_enabled(train):
-            latents_support = at_least_float32(self._forward(images_support))
-            latents_query = at_least_float32(self._forward(images_query))
+            latents_support = layers.at_least_float32(self._forward(images_support))
+            latents_query = layers.at_least_float32(self._forward(images_query))
             logits_support = prototype_logits(latents_support, labels_support, latents_support,
                                               num_way)
             logits_query = prototype_logits(latents_support, labels_support, latents_query,
@@ -162,6 +167,7 @@ def default_log_dir(args, dataset='omniglot'):
 
 def add_protonet_args(parser, num_train_iterations):
     training.add_common_args(parser, num_train_iterations)
+    training.add_tasks_arg(parser)
     parser.add_argument('--learning_rate', type=float, default=0.001,
                         help='learning rate for the network')
     parser.add_argument('--compile', action='store_true', help='torch.compile the network')
@@ -176,7 +182,8 @@ def main(args):
     training.main(args, omniglot.OmniglotTasks(args.num_way, args.num_support, args.num_query,
                                                args.seed),
                   lambda log_dir, device: ProtoNet(args.learning_rate, log_dir, device,
-                                                   args.compile, args.backend, amp=args.amp),
+                                                   args.compile, args.backend, amp=args.amp,
+                                                   tasks=args.tasks),
                   default_log_dir(args))
 
 

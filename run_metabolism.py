@@ -22,8 +22,8 @@ NUM_VAL_TASKS = 2400
 class FCNet(nn.Module):
     """Two blocks of [Linear -> batch norm -> LeakyReLU]: 1024 -> 500 -> 500, a 500-d embedding.
 
-    The batch norms use each task's own statistics (nn.BatchNorm1d in train mode, one task at a
-    time), as the conv network does on Omniglot.
+    A function of one task's molecules, so the batch norms use that task's statistics
+    (nn.BatchNorm1d in train mode on one task), as the conv network does on Omniglot.
     """
 
     def __init__(self, num_inputs=metabolism.NUM_BITS, num_hidden=NUM_HIDDEN):
@@ -33,13 +33,13 @@ class FCNet(nn.Module):
             nn.Linear(num_hidden, num_hidden), layers.TaskBatchNorm(num_hidden), nn.LeakyReLU())
 
     def forward(self, features):
-        """Embeds a batch of tasks' molecules.
+        """Embeds one task's molecules.
 
         Args:
-            features (Tensor): fingerprints, shape (num_tasks, examples, num_inputs)
+            features (Tensor): fingerprints, shape (examples, num_inputs)
 
         Returns:
-            a Tensor of shape (num_tasks, examples, num_hidden)
+            a Tensor of shape (examples, num_hidden)
         """
         return self.layers(features)
 
@@ -52,7 +52,7 @@ def main(args):
                   lambda log_dir, device: protonet.ProtoNet(
                       args.learning_rate, log_dir, device, args.compile, args.backend,
                       learner=FCNet(), val_interval=VAL_INTERVAL, save_interval=SAVE_INTERVAL,
-                      bio=True, amp=args.amp),
+                      bio=True, amp=args.amp, tasks=args.tasks),
                   default_log_dir(args), num_val_tasks=NUM_VAL_TASKS)
 
 

@@ -31,6 +31,9 @@ SAVE_INTERVAL = 100
 NUM_TEST_TASKS = 600
 FLAGS_FILE = 'flags.json'  # how a run was made, written as training starts
 AMP_CHOICES = ('none', 'bf16')
+TASKS_CHOICES = ('loop', 'batched', 'auto')
+# What --tasks auto picks per device type: the faster one in benchmarks/README.md's batched rows.
+AUTO_TASKS = {'cpu': 'loop'}
 
 
 class MetaLearner:
@@ -40,7 +43,7 @@ class MetaLearner:
     architecture = None
 
     def __init__(self, log_dir, device, val_interval=None, save_interval=None, val_ci95=False,
-                 amp='none'):
+                 amp='none', tasks='loop'):
         """
         Args:
             log_dir (str): where checkpoints (and, through main, TensorBoard logs) go
@@ -48,6 +51,8 @@ class MetaLearner:
             val_interval, save_interval (int): steps between validations / checkpoints
             val_ci95 (bool): validation also reports the 95% interval of TEST_METRIC
             amp (str): 'bf16' runs every _evaluate under bfloat16 autocast; 'none' float32
+            tasks (str): how _evaluate runs a batch's tasks (batched_tasks): 'loop', 'batched'
+                or 'auto'; the learner reads self._batched
         """
         self._log_dir = log_dir
         self._device = device
@@ -55,6 +60,7 @@ class MetaLearner:
         self._save_interval = save_interval or SAVE_INTERVAL
         self._val_ci95 = val_ci95
         self._amp = amp
+        self._batched = batched_tasks(tasks, device)
         self._start_train_step = 0
         self._loader_states = None
 
@@ -227,8 +233,32 @@ def add_common_args(parser, num_train_iterations, batch='tasks per outer-loop up
                              "autocast (faster on CPUs with AMX and on recent GPUs)")
 
 
+def add_tasks_arg(parser):
+    """--tasks, for the learners that can batch their tasks (ProtoNet, MAML)."""
+    parser.add_argument('--tasks', type=str, default='loop',
+                        help="'loop' runs a batch's tasks one at a time, 'batched' all at once "
+                             "(torch.func.vmap; the same numbers), 'auto' the one measured "
+                             'faster on this kind of device (the loop where not measured)')
+
+
+def batched_tasks(tasks, device):
+    """Whether a learner runs a batch's tasks all at once: --tasks 'batched', or 'auto' where
+    AUTO_TASKS says batched for the device's type; 'loop' and unmeasured devices: one by one."""
+    check_tasks(tasks)
+    if tasks == 'auto':
+        tasks = AUTO_TASKS.get(torch.device(device).type, 'loop')
+    return tasks == 'batched'
+
+
+def check_tasks(tasks):
+    if tasks not in TASKS_CHOICES:
+        raise util.UserError(f"unknown --tasks '{tasks}'; use one of {', '.join(TASKS_CHOICES)}")
+
+
 def check_common_args(args):
     """One-line errors for flag values no run can use."""
+    if 'tasks' in vars(args):
+        check_tasks(args.tasks)
     util.check_positive(batch_size=args.batch_size,
                         num_train_iterations=args.num_train_iterations)
     if args.checkpoint_step < -1:

@@ -40,13 +40,15 @@ def score(logits, labels):
 
 
 def accuracy_per_task(logits, labels):
-    """Accuracy of each task of a batch, as a numpy float64 array of shape (num_tasks,).
+    """Accuracy of each task of a batch (each row of logits), as a numpy float64 array of shape
+    logits.shape[:-2]; the float32 mean that score takes, so the two give the same numbers.
 
     Args:
-        logits (torch.Tensor): shape (num_tasks, examples, classes)
-        labels (torch.Tensor): int64, shape (num_tasks, examples)
+        logits (torch.Tensor): shape (num_tasks, ..., examples, classes)
+        labels (torch.Tensor): int64, shape (num_tasks, examples), or one that broadcasts
+            against logits.shape[:-1]
     """
-    return (logits.argmax(-1) == labels).double().mean(-1).cpu().numpy()
+    return (logits.argmax(-1) == labels).float().mean(-1).double().cpu().numpy()
 
 
 def mean_and_ci95(values):

@@ -42,13 +42,13 @@ def run_script(*args, cwd=ROOT, **env):
 # ----- the encoder -----
 def test_fcnet_embeds_each_molecule_in_500_dimensions():
     net = run_metabolism.FCNet()
-    assert net(torch.rand(3, 7, 1024)).shape == (3, 7, 500)
+    assert net(torch.rand(7, 1024)).shape == (7, 500)
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(1024, 500), (500, 500)]
     assert sum(p.numel() for p in net.parameters()) == 1024 * 500 + 500 * 500 + 3 * 2 * 500
 
 
-def test_fcnet_equals_batch_norm_1d_applied_to_one_task_at_a_time():
+def test_fcnet_in_protonet_equals_batch_norm_1d_applied_to_one_task_at_a_time():
     torch.manual_seed(0)
     net = run_metabolism.FCNet().double()
     plain = nn.Sequential(nn.Linear(1024, 500), nn.BatchNorm1d(500), nn.LeakyReLU(),
@@ -61,7 +61,9 @@ def test_fcnet_equals_batch_norm_1d_applied_to_one_task_at_a_time():
     # Sparse bits, as fingerprints are; denser in later tasks, so the tasks' statistics differ.
     features = (torch.rand(3, 30, 1024) < torch.tensor([0.02, 0.05, 0.2]).view(3, 1, 1)).double()
     expected = torch.stack([plain(task) for task in features])
-    torch.testing.assert_close(net(features), expected, rtol=1e-10, atol=1e-10)
+    for batched in (False, True):
+        torch.testing.assert_close(protonet.per_task(net, batched)(features), expected,
+                                   rtol=1e-10, atol=1e-10)
     assert (expected < 0).any()  # the leaky slope mattered
     # Statistics over all tasks at once would differ: the check above can fail.
     assert not torch.allclose(plain(features.flatten(0, 1)).view_as(expected), expected)
