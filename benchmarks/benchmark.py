@@ -9,10 +9,12 @@ The reference is the course's way of doing the same work: its data pipeline
 (reference.py: nn.Sequential ProtoNet, functional MAML with torch.autograd.grad, one task at a
 time). Ours is the project's code, timed through the shared loop's training step
 (`_train_step`), `validate` and `test`, so the numbers follow whatever protonet.py and maml.py
-implement. Before timing, numerics.py checks that ours is as accurate as the reference (exit
-status 1 otherwise). Each row runs warm-up iterations, then the median of timed ones
-(timing.py); ours and the reference alternate within one process, so a busy machine slows
-both, but take numbers on an idle one.
+implement; each training and validation row of ours is timed with the per-task loop and with
+--tasks batched, and a second table sets the two side by side. Before timing, numerics.py
+checks that ours, both ways, is as accurate as the reference (exit status 1 otherwise). Each
+row runs warm-up iterations, then the median of timed ones (timing.py); ours and the
+reference alternate within one process, so a busy machine slows both, but take numbers on an
+idle one.
 """
 import argparse
 import contextlib
@@ -33,7 +35,8 @@ import protonet  # noqa: E402
 import reference  # noqa: E402
 import util  # noqa: E402
 from course_pipeline import course_dataloader, write_png_folder  # noqa: E402
-from numerics import LEARNING_RATE, MAML_INNER_LR, MAML_ROWS, check_numerics  # noqa: E402
+from numerics import (BATCHED, LEARNING_RATE, MAML_INNER_LR, MAML_ROWS,  # noqa: E402
+                      check_numerics)
 from timing import (Result, exhaust, measure, memory_mib,  # noqa: E402
                     reset_peak_memory)
 
@@ -84,8 +87,8 @@ class Bench:
         return measure(step, 1, self.sizes.eval_passes, self.device, per=num_tasks)
 
     # ProtoNet, 5-way 5-shot
-    def protonet(self, amp='none'):
-        return protonet.ProtoNet(LEARNING_RATE, self.log_dir, self.device, amp=amp)
+    def protonet(self, amp='none', tasks='loop'):
+        return protonet.ProtoNet(LEARNING_RATE, self.log_dir, self.device, amp=amp, tasks=tasks)
 
     def course_protonet(self):
         network = reference.protonet_network().to(self.device)
@@ -138,9 +141,9 @@ class Bench:
             lambda: [evaluate(task_batch).item() for task_batch in loader], self.sizes.test_tasks)
 
     # MAML, 5-way 1-shot
-    def maml(self, num_inner_steps, first_order=False, amp='none'):
+    def maml(self, num_inner_steps, first_order=False, amp='none', tasks='loop'):
         return maml.MAML(5, num_inner_steps, MAML_INNER_LR, False, LEARNING_RATE, self.log_dir,
-                         self.device, first_order=first_order, amp=amp)
+                         self.device, first_order=first_order, amp=amp, tasks=tasks)
 
     def course_maml(self):
         parameters = {key: value.to(self.device).requires_grad_()
@@ -181,17 +184,27 @@ class Bench:
 
 # ----- the table -----
 
+AMPS = ('none', 'bf16')
+
+
 def measure_rows(bench):
-    """Every row of the table: {row name: (reference, ours fp32, ours bf16 or None)}."""
+    """Every row of the table: {row name: (reference, ours fp32, ours bf16 or None)}. A row of
+    ours with --tasks batched follows its loop row and shares its reference measurement."""
     rows = {}
-    rows['ProtoNet 5w5s: training, s/iter'] = (
-        bench.course_protonet_train(),
-        *(bench.ours_train(bench.protonet(amp), 5, 5) for amp in ('none', 'bf16')))
+
+    def ours_both_ways(name, reference, measure_ours):
+        """measure_ours(amp, tasks) -> Result; the loop row, then the batched one."""
+        rows[name] = (reference, *(measure_ours(amp, 'loop') for amp in AMPS))
+        rows[name.replace(':', f'{BATCHED}:')] = (
+            reference, *(measure_ours(amp, 'batched') for amp in AMPS))
+
+    ours_both_ways('ProtoNet 5w5s: training, s/iter', bench.course_protonet_train(),
+                   lambda amp, tasks: bench.ours_train(bench.protonet(amp, tasks), 5, 5))
     for name, num_inner_steps, first_order in MAML_ROWS:
-        rows[f'{name}: training, s/iter'] = (
-            bench.course_maml_train(num_inner_steps, first_order),
-            *(bench.ours_train(bench.maml(num_inner_steps, first_order, amp), 5, 1)
-              for amp in ('none', 'bf16')))
+        ours_both_ways(f'{name}: training, s/iter',
+                       bench.course_maml_train(num_inner_steps, first_order),
+                       lambda amp, tasks: bench.ours_train(
+                           bench.maml(num_inner_steps, first_order, amp, tasks), 5, 1))
     network, _ = bench.course_protonet()
 
     def course_protonet_eval(task_batch):
@@ -205,13 +218,15 @@ def measure_rows(bench):
 
     for name, learner, course_eval, num_support in [
             ('ProtoNet 5w5s', bench.protonet, course_protonet_eval, 5),
-            ('MAML 5w1s 1 step', lambda amp: bench.maml(1, amp=amp), course_maml_eval, 1)]:
-        rows[f'{name}: validation, s/task'] = (
-            bench.course_validate(course_eval, 5, num_support),
-            *(bench.ours_validate(learner(amp), 5, num_support) for amp in ('none', 'bf16')))
-        rows[f'{name}: --test, s/task'] = (
+            ('MAML 5w1s 1 step', lambda amp, tasks: bench.maml(1, amp=amp, tasks=tasks),
+             course_maml_eval, 1)]:
+        ours_both_ways(f'{name}: validation, s/task',
+                       bench.course_validate(course_eval, 5, num_support),
+                       lambda amp, tasks: bench.ours_validate(learner(amp, tasks), 5,
+                                                              num_support))
+        rows[f'{name}: --test, s/task'] = (  # one task at a time: nothing to batch
             bench.course_test(course_eval, 5, num_support),
-            *(bench.ours_test(learner(amp), 5, num_support) for amp in ('none', 'bf16')))
+            *(bench.ours_test(learner(amp, 'loop'), 5, num_support) for amp in AMPS))
     rows['Task sampling 5w5s: tasks/s'] = (bench.course_sampling(), bench.ours_sampling(), None)
     return rows
 
@@ -236,6 +251,16 @@ def format_table(rows):
         lines.append(f'| {name} | ' + ' | '.join(
             [number(theirs.value), number(ours.value), ratio(theirs, ours, name), *bf16])
             + ' |')
+    lines += ['', '| --tasks batched against the loop, s | loop fp32 | batched fp32 | speed-up '
+              '| loop bf16 | batched bf16 | speed-up |', '|---|---:|---:|---:|---:|---:|---:|']
+    for name, (_, *batched) in rows.items():
+        if BATCHED not in name:
+            continue
+        loop = rows[name.replace(BATCHED, '')][1:]
+        lines.append(f'| {name.replace(BATCHED, "")} | ' + ' | '.join(
+            cell for ours_loop, ours_batched in zip(loop, batched) for cell in (
+                number(ours_loop.value), number(ours_batched.value),
+                ratio(ours_loop, ours_batched, name))) + ' |')
     lines += ['', '| peak memory, MiB | reference | ours fp32 | ours bf16 |', '|---|---:|---:|---:|']
     for name, results in rows.items():
         lines.append(f'| {name.rsplit(",", 1)[0]} | ' + ' | '.join(

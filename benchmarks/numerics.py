@@ -23,6 +23,8 @@ LEARNING_RATE = 0.001
 # (name, inner steps, first order) of the MAML configurations checked and timed
 MAML_ROWS = [('MAML 5w1s 1 step', 1, False), ('MAML 5w1s 5 steps', 5, False),
              ('MAML 5w1s 1 step first-order', 1, True)]
+BATCHED = ' --tasks batched'  # ends the name of a check or a row of the batched path
+TASKS = [('loop', ''), ('batched', BATCHED)]  # each path is checked: (--tasks, name suffix)
 
 
 def largest_relative_error(loss, expected_loss, gradients, expected_gradients):
@@ -54,14 +56,14 @@ def error_against(result, exact):
     return largest_relative_error(loss, expected_loss, gradients, expected_gradients)
 
 
-def check_protonet(task_batch, device, log_dir):
-    """Errors of ProtoNet._step and of the course's step against the course's step in float64,
-    same weights and batch.
+def check_protonet(task_batch, tasks, device, log_dir):
+    """Errors of ProtoNet._step (with --tasks tasks) and of the course's step against the
+    course's step in float64, same weights and batch.
 
     Returns:
         (ours, reference): each the largest relative error of the loss or any gradient
     """
-    learner = protonet.ProtoNet(LEARNING_RATE, log_dir, device)
+    learner = protonet.ProtoNet(LEARNING_RATE, log_dir, device, tasks=tasks)
     ours = [p for conv, norm in zip(learner._network.convs, learner._network.norms)
             for p in (*conv.parameters(), *norm.parameters())]
     float32 = reference.protonet_network_like(learner._network)
@@ -75,15 +77,15 @@ def check_protonet(task_batch, device, log_dir):
             error_against(course_step(float32, task_batch), exact))
 
 
-def check_maml(task_batch, num_inner_steps, first_order, device, log_dir):
-    """Errors of MAML._outer_step and of the course's outer step against the course's in
-    float64, same weights and batch.
+def check_maml(task_batch, num_inner_steps, first_order, tasks, device, log_dir):
+    """Errors of MAML._outer_step (with --tasks tasks) and of the course's outer step against
+    the course's in float64, same weights and batch.
 
     Returns:
         (ours, reference): each the largest relative error of the loss or any meta-gradient
     """
     learner = maml.MAML(5, num_inner_steps, MAML_INNER_LR, False, LEARNING_RATE, log_dir, device,
-                        first_order=first_order)
+                        first_order=first_order, tasks=tasks)
     inner_lrs = dict.fromkeys(learner._meta_parameters, MAML_INNER_LR)
 
     def course_step(dtype, batch):
@@ -110,9 +112,12 @@ def check_numerics(batch_size, device, log_dir, seeds=(0, 1, 2)):
             torch.manual_seed(seed)
             errors.append(check(*args, device, log_dir))
         return np.max(errors, axis=0)
-    errors = {'ProtoNet 5w5s': largest_errors(check_protonet, task_batch(5))}
-    for name, num_inner_steps, first_order in MAML_ROWS:
-        errors[name] = largest_errors(check_maml, task_batch(1), num_inner_steps, first_order)
+    errors = {}
+    for tasks, suffix in TASKS:
+        errors[f'ProtoNet 5w5s{suffix}'] = largest_errors(check_protonet, task_batch(5), tasks)
+        for name, num_inner_steps, first_order in MAML_ROWS:
+            errors[f'{name}{suffix}'] = largest_errors(check_maml, task_batch(1), num_inner_steps,
+                                                       first_order, tasks)
     print(f'Float32 loss and gradients against the reference in float64, same batch of '
           f'{batch_size} tasks: largest relative error over weights drawn with seeds {seeds}')
     passed = True

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 import maml
-import omniglot
 import protonet
 import reference
 import run_metabolism

@@ -12,10 +12,14 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 import numerics  # noqa: E402  (needs the path above)
 
-ROWS = ['ProtoNet 5w5s: training, s/iter', 'MAML 5w1s 1 step: training, s/iter',
-        'MAML 5w1s 5 steps: training, s/iter', 'MAML 5w1s 1 step first-order: training, s/iter',
-        'ProtoNet 5w5s: validation, s/task', 'ProtoNet 5w5s: --test, s/task',
-        'MAML 5w1s 1 step: validation, s/task', 'MAML 5w1s 1 step: --test, s/task']
+CHECKS = ['ProtoNet 5w5s', 'MAML 5w1s 1 step', 'MAML 5w1s 5 steps',
+          'MAML 5w1s 1 step first-order']
+BATCHED_ROWS = ['ProtoNet 5w5s: training, s/iter', 'MAML 5w1s 1 step: training, s/iter',
+                'MAML 5w1s 5 steps: training, s/iter',
+                'MAML 5w1s 1 step first-order: training, s/iter',
+                'ProtoNet 5w5s: validation, s/task', 'MAML 5w1s 1 step: validation, s/task']
+ROWS = [*BATCHED_ROWS, *(row.replace(':', ' --tasks batched:') for row in BATCHED_ROWS),
+        'ProtoNet 5w5s: --test, s/task', 'MAML 5w1s 1 step: --test, s/task']
 NUMBER = r'[\d.e+-]+'
 
 
@@ -24,8 +28,8 @@ def test_quick_benchmark_checks_accuracy_and_prints_every_row():
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     checks = re.findall(r'^  (.+): ours (\S+), reference (\S+) ok$', result.stdout, re.M)
-    assert [name for name, _, _ in checks] == [
-        'ProtoNet 5w5s', 'MAML 5w1s 1 step', 'MAML 5w1s 5 steps', 'MAML 5w1s 1 step first-order']
+    assert [name for name, _, _ in checks] == [*CHECKS, *(f'{name} --tasks batched'
+                                                          for name in CHECKS)]
     for _, ours, reference in checks:
         assert 0 < float(reference) and float(ours) <= max(1e-4, 2 * float(reference))
     for row in ROWS:
@@ -33,6 +37,9 @@ def test_quick_benchmark_checks_accuracy_and_prints_every_row():
         assert re.search(rf'^\| {re.escape(row)} \| {cells} \|$', result.stdout, re.M), row
     assert re.search(rf'^\| Task sampling 5w5s: tasks/s \| {NUMBER} \| {NUMBER} \| {NUMBER}x \|',
                      result.stdout, re.M)
+    for row in BATCHED_ROWS:  # loop, batched and the speed-up, in fp32 and bf16
+        cells = rf'{NUMBER} \| {NUMBER} \| {NUMBER}x \| {NUMBER} \| {NUMBER} \| {NUMBER}x'
+        assert re.search(rf'^\| {re.escape(row)} \| {cells} \|$', result.stdout, re.M), row
     memory_rows = re.findall(r'^\| [^|]+ \| \d+ \| \d+ \| \d* \|$', result.stdout, re.M)
     assert len(memory_rows) == len(ROWS) + 1
 
