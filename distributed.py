@@ -1,8 +1,8 @@
 """Data-parallel training across the processes that torchrun starts (torch.distributed: gloo on
 the CPU, NCCL on CUDA). A plain `python script.py` never gets here past `launched()`: one
-process, no process group, every function below a no-op.
+process, no process group, and every function below trivial.
 
-The scheme, exact by construction:
+The scheme, the same computation as one process's (up to the order of floating-point sums):
 - Every process draws the same batches from the same seeded loaders (sampling is cheap), so a
   loader's state, and the checkpoint that holds it, does not depend on the number of processes
   P: a run saved with P = 2 resumes with P = 1 and the other way round.
@@ -19,7 +19,6 @@ The scheme, exact by construction:
 import atexit
 import contextlib
 import os
-import sys
 
 import numpy as np
 import torch
@@ -50,8 +49,8 @@ def is_main():
 
 def setup(device):
     """Joins torchrun's process group, if torchrun started this process; returns the device to
-    use. On CUDA each process takes the GPU of its LOCAL_RANK and NCCL; on the CPU, gloo. Only
-    rank 0 prints (the others' stdout goes to /dev/null); the group is torn down at exit.
+    use. On CUDA each process takes the GPU of its LOCAL_RANK and NCCL; on the CPU, gloo. The
+    group is torn down at exit. (util.cli has sent the other processes' stdout to /dev/null.)
 
     Args:
         device (torch.device): what --device picked (util.get_device)
@@ -61,7 +60,7 @@ def setup(device):
     if device.type == 'cuda':
         local_rank = int(os.environ['LOCAL_RANK'])
         if local_rank >= torch.cuda.device_count():
-            raise util.UserError(f'torchrun started process {local_rank} on a machine with '
+            raise util.UserError(f'torchrun started more processes on this machine than its '
                                  f'{torch.cuda.device_count()} GPUs; use --nproc_per_node '
                                  f'{torch.cuda.device_count()} or fewer')
         device = torch.device('cuda', local_rank)
@@ -71,8 +70,6 @@ def setup(device):
                              f'{device.type}; use --device cpu')
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     atexit.register(dist.destroy_process_group)
-    if not is_main():
-        sys.stdout = open(os.devnull, 'w')
     return device
 
 

@@ -123,11 +123,14 @@ def atomic_write_json(obj, path):
 def cli(main):
     """Runs main(); a UserError becomes one line on stderr and exit status 2.
 
-    Under torchrun the processes meet the same UserError (same flags, data and checkpoints):
-    each machine's first process (LOCAL_RANK 0) prints it at once and exits, and torchrun then
-    stops the others while they wait, so the line appears once. A process whose error is its
-    own (still running after the wait) prints it too.
+    Under torchrun (distributed.py) rank 0 alone prints: the others' stdout goes to /dev/null.
+    The processes meet the same UserError (same flags, data and checkpoints): each machine's
+    first process (LOCAL_RANK 0) prints it at once and exits, and torchrun then stops the others
+    while they wait, so the line appears once. A process whose error is its own (still running
+    after the wait) prints it too.
     """
+    if os.environ.get('RANK', '0') != '0':
+        sys.stdout = open(os.devnull, 'w')
     try:
         main()
     except UserError as error:
