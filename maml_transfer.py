@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import distributed
 import maml
 import omniglot
 import training
@@ -82,6 +83,14 @@ class TransferLearner(training.MetaLearner):
         self._adapt_steps = adapt_steps
         self._adapt_lr = adapt_lr
         self._optimizer = torch.optim.Adam(self._parameters.values(), lr=learning_rate)
+
+    def _share(self, task_batch):
+        """This process's images of a pre-training batch [(images, labels)] (distributed.share).
+        Batch norm then uses the statistics of each process's batch_size / P images, as
+        DistributedDataParallel does without SyncBatchNorm: with P processes pre-training is
+        not the same as with one, where validation and --test are."""
+        (images, labels), = task_batch
+        return [(distributed.share(images), distributed.share(labels))]
 
     def _evaluate(self, task_batch, train):
         """Training: task_batch is [(images (B, 1, 28, 28), labels (B,))] of the meta-train

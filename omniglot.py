@@ -189,16 +189,16 @@ class OmniglotDataset(torch.utils.data.Dataset):
         return [(support[i], labels_support, query[i], labels_query) for i in range(num_tasks)]
 
     def _gather(self, rows):
-        """Images of the given rows as float32, 1 channel.
+        """Images of the given rows in torch's default dtype (float32 unless changed), 1 channel.
 
         Args:
             rows (torch.Tensor): int64 row indices into the flat images,
                 shape (num_tasks, num_way, shots)
 
         Returns:
-            float32 images, shape (num_tasks, num_way * shots, 1, 28, 28)
+            images, shape (num_tasks, num_way * shots, 1, 28, 28)
         """
-        images = self._images.index_select(0, rows.flatten()).float()
+        images = self._images.index_select(0, rows.flatten()).to(torch.get_default_dtype())
         return images.view(rows.shape[0], -1, 1, IMAGE_SIZE, IMAGE_SIZE)
 
     def __getitem__(self, class_idxs):
@@ -254,9 +254,9 @@ class ClassifierImages:
 
     def tasks(self, image_idxs):
         """image_idxs (int64, shape (batch,)) into the split's images -> [(images (batch, 1, 28,
-        28) float32, labels (batch,) int64)]."""
+        28) in torch's default dtype, labels (batch,) int64)]."""
         rows = image_idxs.to(self._images.device)
-        return [(self._images.index_select(0, rows).float().unsqueeze(1),
+        return [(self._images.index_select(0, rows).to(torch.get_default_dtype()).unsqueeze(1),
                  rows // NUM_SAMPLES_PER_CLASS)]
 
 

@@ -14,7 +14,8 @@ A learner (ProtoNet, MAML, ...) subclasses MetaLearner and supplies only
 and an Adam optimizer in self._optimizer. Everything else lives here, once, including the
 opt-in reduced precision (`amp`, from --amp): bfloat16 autocast around every `_evaluate`.
 A script's main() checks its flags, then calls `main` below with its data set's task source
-(tasks.py) and a function that builds its learner.
+(tasks.py) and a function that builds its learner. Launched by torchrun, every process runs
+the same loop on the same batches, each on its share of them (distributed.py).
 """
 import datetime
 import os
@@ -23,6 +24,7 @@ import sys
 import numpy as np
 import torch
 
+import distributed
 import util
 
 LOG_INTERVAL = 10
@@ -84,9 +86,16 @@ class MetaLearner:
         return torch.autocast(torch.device(self._device).type, dtype=torch.bfloat16,
                               enabled=self._amp == 'bf16')
 
+    def _share(self, task_batch):
+        """This process's part of a training batch (distributed.share; all of it without
+        torchrun); learners whose batches are not lists of tasks override it."""
+        return distributed.share(task_batch)
+
     # ----- the loop -----
     def train(self, dataloader_train, dataloader_val, writer):
-        """Trains from self._start_train_step until dataloader_train runs out.
+        """Trains from self._start_train_step until dataloader_train runs out. Under torchrun
+        every process runs this loop on the same batches, each on its share (distributed.py);
+        rank 0 alone saves (and alone prints and logs: training.main sees to that).
 
         Args:
             dataloader_train (TaskLoader): yields batches of training tasks
@@ -108,7 +117,7 @@ class MetaLearner:
                 metrics = self.validate(dataloader_val)
                 print(f'Validation: {self._format(metrics)}')
                 self._log(writer, 'val', metrics, step)
-            if step % self._save_interval == 0:
+            if step % self._save_interval == 0 and distributed.is_main():
                 self._save(step, {'train': dataloader_train.state_dict(),
                                   'val': dataloader_val.state_dict()})
         writer.flush()
@@ -117,40 +126,57 @@ class MetaLearner:
     def _train_step(self, task_batch, step):
         self._optimizer.zero_grad()
         with self._autocast():
-            loss, metrics = self._evaluate(task_batch, train=True)
-        if not torch.isfinite(loss):
+            loss, metrics = self._evaluate(self._share(task_batch), train=True)
+        loss.backward()
+        # The batch's mean loss, non-finite on every process if on any: all stop together.
+        loss = distributed.average_gradients(
+            [p for group in self._optimizer.param_groups for p in group['params']], loss)
+        if not np.isfinite(loss):
             raise util.UserError(
-                f'the training loss became {loss.item()} at iteration {step}; training stopped '
+                f'the training loss became {loss} at iteration {step}; training stopped '
                 f'and the checkpoints in {self._log_dir} are the last good ones. Resume from one '
                 'with --checkpoint_step, or lower the learning rate')
-        loss.backward()
         self._optimizer.step()
-        return self._summarize(loss.item(), metrics, self.TRAIN_METRICS or self.METRICS)
+        return self._summarize(loss, merge_per_task(distributed.gather([metrics])),
+                               self.TRAIN_METRICS or self.METRICS)
 
     def validate(self, dataloader_val):
         """Mean loss and metrics over one pass of dataloader_val (fresh tasks every call)."""
-        losses, per_task = [], []
-        for task_batch in dataloader_val:
-            with self._autocast():
-                loss, metrics = self._evaluate(task_batch, train=False)
-            losses.append(loss.item())
-            per_task.append(metrics)
-        metrics = {key: np.concatenate([m[key] for m in per_task]) for key in per_task[0]}
-        summary = self._summarize(np.mean(losses), metrics, self.METRICS)
+        loss, metrics = self._evaluate_pass(dataloader_val)
+        summary = self._summarize(loss, metrics, self.METRICS)
         if self._val_ci95:
             summary['ci95'] = util.mean_and_ci95(metrics[self.TEST_METRIC])[1]
         return summary
 
     def test(self, dataloader_test):
         """Evaluates every task of dataloader_test; prints the mean and its 95% interval."""
-        with self._autocast():
-            accuracies = np.concatenate([
-                self._evaluate(task_batch, train=False)[1][self.TEST_METRIC]
-                for task_batch in dataloader_test])
+        accuracies = self._evaluate_pass(dataloader_test)[1][self.TEST_METRIC]
         mean, ci95 = util.mean_and_ci95(accuracies)
         print(f'Accuracy over {len(accuracies)} test tasks: mean {mean:.3f}, '
               f'95% confidence interval {ci95:.3f}')
         return mean, ci95, accuracies
+
+    def _evaluate_pass(self, dataloader):
+        """Evaluates every task of one pass of dataloader; under torchrun each process its
+        share of the tasks (distributed.share), all of them drawn by every process.
+
+        Returns:
+            the mean query loss over the tasks (a float; the mean of the batches' means, since
+            the batches are the same size), and {metric key: numpy array, one row per task, in
+            the loader's order}
+        """
+        loss_sum, per_task, first = 0.0, [], 0
+        for task_batch in dataloader:
+            tasks = distributed.share(task_batch, first)
+            first += len(task_batch)
+            if tasks:
+                with self._autocast():
+                    loss, metrics = self._evaluate(tasks, train=False)
+                loss_sum += loss.item() * len(tasks)
+                per_task.append(metrics)
+        loss_sums, per_process = zip(*distributed.gather((loss_sum, per_task)))
+        metrics = merge_per_task(per_process)
+        return sum(loss_sums) / len(next(iter(metrics.values()))), metrics
 
     # ----- metrics -----
     @staticmethod
@@ -200,6 +226,19 @@ class MetaLearner:
         self._start_train_step = checkpoint_step + 1
         self._loader_states = state.get('loader_states')
         print(f'Loaded checkpoint iteration {checkpoint_step}.')
+
+
+def merge_per_task(per_process):
+    """The processes' per-task metrics as one set, in the order of the whole batch or pass.
+
+    Args:
+        per_process (list of list of dict): in rank order (distributed.gather), each process's
+            _evaluate metrics, one dict per batch, {key: numpy array, one row per task}; an
+            empty list for a process that evaluated no task
+    """
+    shares = [{key: np.concatenate([m[key] for m in batches]) for key in batches[0]}
+              for batches in per_process if batches]
+    return {key: distributed.interleave([share[key] for share in shares]) for key in shares[0]}
 
 
 # ----- the command line every script shares -----
@@ -264,6 +303,8 @@ def check_common_args(args):
     if args.checkpoint_step < -1:
         raise util.UserError(f'--checkpoint_step must be -1 (start fresh) or a saved step, '
                              f'got {args.checkpoint_step}')
+    if not args.test:
+        distributed.check_divides(args.batch_size)
     if args.test and args.checkpoint_step == -1:
         print('Warning: --test without --checkpoint_step evaluates an untrained model.')
 
@@ -280,8 +321,9 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
         default_log_dir (str): the log dir named after the flags, used without --log_dir
         num_val_tasks (int): tasks per validation; default batch_size * 4, as the course
     """
-    device = util.get_device(args.device)
-    ready = task_source.prepare()
+    device = distributed.setup(util.get_device(args.device))
+    with distributed.local_main_first():
+        ready = task_source.prepare()
     if args.cache:
         print(ready)
         return None
@@ -295,14 +337,18 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
         print('Checkpoint loading skipped.')
     if args.test:
         result = learner.test(task_source.loader('test', 1, NUM_TEST_TASKS, device))
-        write_test_result(args, log_dir, *result)
+        if distributed.is_main():
+            write_test_result(args, log_dir, *result)
         return result
-    util.atomic_write_json(run_record(args), os.path.join(log_dir, FLAGS_FILE))
+    if distributed.is_main():
+        util.atomic_write_json(run_record(args), os.path.join(log_dir, FLAGS_FILE))
     num_training_tasks = args.batch_size * (args.num_train_iterations - args.checkpoint_step - 1)
     dataloader_train = task_source.loader('train', args.batch_size, num_training_tasks, device)
     dataloader_val = task_source.loader('val', args.batch_size,
                                         num_val_tasks or args.batch_size * 4, device)
     from torch.utils.tensorboard import SummaryWriter  # slow import; training only
+    if not distributed.is_main():  # rank 0 alone logs
+        return learner.train(dataloader_train, dataloader_val, distributed.NullWriter())
     with SummaryWriter(log_dir=log_dir) as writer:
         log_hparams(writer, args, f'val_accuracy/{learner.TEST_METRIC}')
         return learner.train(dataloader_train, dataloader_val, writer)

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+
+TORCHRUN_ERROR_WAIT_SECONDS = 5  # torchrun checks its processes every 0.1 s
 
 
 class UserError(Exception):
@@ -119,10 +123,21 @@ def atomic_write_json(obj, path):
 
 
 def cli(main):
-    """Runs main(); a UserError becomes one line on stderr and exit status 2."""
+    """Runs main(); a UserError becomes one line on stderr and exit status 2.
+
+    Under torchrun (distributed.py) rank 0 alone prints: the others' stdout goes to /dev/null.
+    The processes meet the same UserError (same flags, data and checkpoints): each machine's
+    first process (LOCAL_RANK 0) prints it at once and exits, and torchrun then stops the others
+    while they wait, so the line appears once. A process whose error is its own (still running
+    after the wait) prints it too.
+    """
+    if os.environ.get('RANK', '0') != '0':
+        sys.stdout = open(os.devnull, 'w')
     try:
         main()
     except UserError as error:
+        if os.environ.get('LOCAL_RANK', '0') != '0':
+            time.sleep(TORCHRUN_ERROR_WAIT_SECONDS)
         print(f'error: {error}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -96,7 +96,7 @@ class FixedAccuracies(training.MetaLearner):
 def test_test_prints_the_mean_and_the_course_interval(capsys):
     accuracies = [0.5, 1.0, 0.75, 1.0]
     # mean 0.8125; population std sqrt(0.171875 / 4) = 0.207289; 1.96 * 0.207289 / 2
-    mean, ci95, per_task = FixedAccuracies(accuracies).test([None] * 4)
+    mean, ci95, per_task = FixedAccuracies(accuracies).test([[None]] * 4)
     assert per_task.tolist() == accuracies
     assert mean == pytest.approx(0.8125) and ci95 == pytest.approx(0.2031433, abs=1e-6)
     assert capsys.readouterr().out == (
