@@ -561,7 +561,11 @@ def main(args):
                   default_log_dir(args))
 
 
-if __name__ == '__main__':
+def parse_args(argv=None):
     parser = argparse.ArgumentParser('Train a MAML!')
     add_maml_args(parser, num_train_iterations=15000)
-    util.cli(lambda: main(parser.parse_args()))
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    util.cli(lambda: main(parse_args()))

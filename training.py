@@ -265,6 +265,8 @@ def add_common_args(parser, num_train_iterations, batch='tasks per outer-loop up
     parser.add_argument('--cache', action='store_true', help='only prepare the data set, then exit')
     parser.add_argument('--device', type=str, default='cpu',
                         help="'cpu', or 'gpu' for CUDA (or Apple MPS)")
+    parser.add_argument('--num_test_tasks', type=int, default=NUM_TEST_TASKS,
+                        help='tasks --test evaluates (the course: 600)')
     parser.add_argument('--seed', type=int, default=0,
                         help='same seed, same initial weights and tasks')
     parser.add_argument('--amp', type=str, default='none', choices=AMP_CHOICES,
@@ -299,7 +301,8 @@ def check_common_args(args):
     if 'tasks' in vars(args):
         check_tasks(args.tasks)
     util.check_positive(batch_size=args.batch_size,
-                        num_train_iterations=args.num_train_iterations)
+                        num_train_iterations=args.num_train_iterations,
+                        num_test_tasks=args.num_test_tasks)
     if args.checkpoint_step < -1:
         raise util.UserError(f'--checkpoint_step must be -1 (start fresh) or a saved step, '
                              f'got {args.checkpoint_step}')
@@ -336,7 +339,7 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
     else:
         print('Checkpoint loading skipped.')
     if args.test:
-        result = learner.test(task_source.loader('test', 1, NUM_TEST_TASKS, device))
+        result = learner.test(task_source.loader('test', 1, args.num_test_tasks, device))
         if distributed.is_main():
             write_test_result(args, log_dir, *result)
         return result

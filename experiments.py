@@ -1,0 +1,291 @@
+"""Every experiment of both handouts in one command, then `python report.py` for the report.
+
+    python experiments.py                  # full length, as the handouts ask (GPU hours)
+    python experiments.py --scale tiny     # the same list with tiny budgets (minutes on a CPU)
+    python experiments.py --scale 0.1      # every run at a tenth of its length
+    python experiments.py --list           # the runs and how far each is
+    python experiments.py --only protonet_1shot maml_learned_inner_lrs   # some of them
+    python experiments.py --only stability # MAML vs MAML++ over 3 seeds (the extra credit)
+
+Each run is the script a student would run (protonet.py, maml.py, run_metabolism.py,
+maml_transfer.py) with the handout's flags, in its own log dir `{log_root}/{name}`, followed by
+its `--test` evaluations at its last checkpoint (for the 1-shot ProtoNet and learned-lr MAML,
+the K sweep too). A run whose last checkpoint is saved is not trained again, a stopped one
+resumes from its latest checkpoint, and a test whose result JSON exists is not repeated, so the
+command can be stopped and started again. Each run's printed output is kept in its log dir as
+console.log.
+"""
+import argparse
+import dataclasses
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import training
+import util
+
+ROOT = Path(__file__).resolve().parent
+K_SWEEP = (1, 2, 4, 6, 8, 10)  # support examples per class at test time, Q = 10 (part 3)
+ONE_SHOT_TEST = ((1, 15),)  # (support, query) of the 5-way 1-shot test tasks (parts 1 and 2)
+SWEEP_TESTS = ONE_SHOT_TEST + tuple((shot, 10) for shot in K_SWEEP)
+# The second handout's stability comparison (extra credit): plain MAML against MAML++ where MAML
+# trains unstably, several inner steps at a large inner learning rate.
+STABILITY_SETTING = ('--num_way', '5', '--num_support', '1', '--num_inner_steps', '5',
+                     '--inner_lr', '0.4')
+STABILITY_METHODS = {'maml': (), 'mamlpp': ('--mamlpp',)}
+STABILITY_SEEDS = (0, 1, 2)
+TINY = {'iterations': 1, 'batch_size': 2, 'test_tasks': 10}  # --scale tiny: one of everything
+# Flags that say where and how fast a run goes, not what it computes.
+PLACEMENT_FLAGS = ('log_dir', 'checkpoint_step', 'test', 'device', 'amp', 'num_workers', 'cache',
+                   'compile', 'backend', 'num_test_tasks', 'datadir', 'tasks')
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str  # its log dir under --log_root
+    script: str
+    flags: tuple  # the handout's flags, as a student types them
+    iterations: int  # the full length
+    tests: tuple = ()  # (num_support, num_query) of each --test at the last checkpoint
+    save_interval: int = training.SAVE_INTERVAL
+
+    def last_checkpoint(self, iterations):
+        """The step of the last checkpoint a run of that many iterations saves."""
+        return (iterations - 1) // self.save_interval * self.save_interval
+
+
+def stability_run(method, seed):
+    return Run(f'stability_{method}_seed_{seed}', 'maml.py',
+               STABILITY_SETTING + STABILITY_METHODS[method] + ('--seed', str(seed)), 15000)
+
+
+RUNS = (
+    # First handout, part 1: ProtoNet
+    Run('protonet_5shot', 'protonet.py', ('--num_support', '5'), 5000, ONE_SHOT_TEST),
+    Run('protonet_1shot', 'protonet.py', ('--num_support', '1'), 5000, SWEEP_TESTS),
+    # Part 2: MAML
+    Run('maml_inner_lr_0.4', 'maml.py', (), 15000, ONE_SHOT_TEST),
+    Run('maml_inner_lr_0.04', 'maml.py', ('--inner_lr', '0.04'), 15000, ONE_SHOT_TEST),
+    Run('maml_inner_lr_0.04_5_steps', 'maml.py', ('--inner_lr', '0.04', '--num_inner_steps', '5'),
+        15000, ONE_SHOT_TEST),
+    Run('maml_learned_inner_lrs', 'maml.py', ('--learn_inner_lrs',), 15000, SWEEP_TESTS),
+    # Part 4: ProtoNet on TDC Metabolism, as run_bio.sh
+    Run('metabolism', 'run_metabolism.py',
+        ('--num_way', '2', '--num_support', '5', '--num_query', '10', '--batch_size', '4',
+         '--learning_rate', '0.0005'), 8000, ((5, 10),), save_interval=2000),
+    # Second handout: first-order MAML (1000 iterations), MAML++, the transfer baseline
+    Run('fomaml_5shot', 'maml.py', ('--first_order', '--num_support', '5', '--num_inner_steps', '5'),
+        1001, ((5, 15),)),
+    Run('mamlpp_5shot', 'maml.py', ('--mamlpp', '--num_support', '5', '--num_inner_steps', '5'),
+        1001, ((5, 15),)),
+    Run('transfer_5shot', 'maml_transfer.py', (), 5000, ((5, 15),)),
+    *(stability_run(method, seed) for method in STABILITY_METHODS for seed in STABILITY_SEEDS),
+)
+BY_NAME = {run.name: run for run in RUNS}
+
+
+def parse_scale(text):
+    """'full', 'tiny' or a fraction in (0, 1] of every run's length."""
+    if text in ('full', 'tiny'):
+        return text
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = 0
+    if not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"--scale must be 'full', 'tiny' or a fraction in "
+                                         f"(0, 1], got {text!r}")
+    return 'full' if fraction == 1 else fraction
+
+
+def default_log_root(scale):
+    return {'full': 'logs/experiments', 'tiny': 'logs/experiments_tiny'}.get(
+        scale, f'logs/experiments_scale_{scale}')
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a run at a scale is: its training command's flags and its tests'."""
+    run: Run
+    log_dir: Path
+    iterations: int
+    flags: list  # the training flags, the run's own then the scale's
+    test_tasks: int
+
+    @classmethod
+    def of(cls, run, scale, log_root, datadir=None):
+        flags = list(run.flags)
+        if datadir and run.script == 'run_metabolism.py':
+            flags += ['--datadir', datadir]
+        test_tasks = training.NUM_TEST_TASKS
+        if scale == 'tiny':
+            iterations, test_tasks = TINY['iterations'], TINY['test_tasks']
+            flags += ['--batch_size', str(TINY['batch_size'])]
+        elif scale == 'full':
+            iterations = run.iterations
+        else:
+            iterations = max(1, round(run.iterations * scale))
+        flags += ['--num_train_iterations', str(iterations)]
+        return cls(run, Path(log_root) / run.name, iterations, flags, test_tasks)
+
+    @property
+    def last_checkpoint(self):
+        return self.run.last_checkpoint(self.iterations)
+
+    def args(self, extra=()):
+        """The script's parsed flags for these flags plus extra."""
+        return script_module(self.run.script).parse_args(
+            [*self.flags, '--log_dir', str(self.log_dir), *extra])
+
+    def test_flags(self, shot, query):
+        return ['--test', '--checkpoint_step', str(self.last_checkpoint), '--num_support',
+                str(shot), '--num_query', str(query), '--num_test_tasks', str(self.test_tasks)]
+
+    def test_result(self, shot, query):
+        """Where the --test result JSON of (shot, query) goes."""
+        return Path(training.test_result_path(self.args(self.test_flags(shot, query)),
+                                              self.log_dir))
+
+    def latest_checkpoint(self):
+        """The newest state{step}.pt in the log dir, or -1."""
+        return max((int(path.stem.removeprefix('state'))
+                    for path in self.log_dir.glob('state*.pt')), default=-1)
+
+    def trained(self):
+        return (self.log_dir / f'state{self.last_checkpoint}.pt').is_file()
+
+    def tests_to_do(self):
+        return [test for test in self.run.tests if not self.test_result(*test).is_file()]
+
+    def check_made_alike(self):
+        """A log dir made with other flags (another scale) is never trained on or overwritten."""
+        record = self.log_dir / training.FLAGS_FILE
+        if not record.is_file():
+            return
+        made = json.loads(record.read_text())['flags']
+        wanted = vars(self.args())
+        differ = [f'--{key} {made.get(key)} (this scale: {value})' for key, value in wanted.items()
+                  if key not in PLACEMENT_FLAGS and made.get(key) != value]
+        if differ:
+            raise util.UserError(f'{self.log_dir} holds a run made with {", ".join(differ)}; '
+                                 'pass another --log_root (or --scale), or move that log dir away')
+
+    def state(self):
+        if self.trained():
+            to_do = len(self.tests_to_do())
+            return f'trained; {to_do} of {len(self.run.tests)} tests to do' if to_do else 'done'
+        latest = self.latest_checkpoint()
+        if latest >= 0:
+            return f'stopped at checkpoint {latest} of {self.last_checkpoint}'
+        return 'to do'
+
+
+def script_module(script):
+    """The module of a script, for its parse_args (imported when needed: run_metabolism's
+    imports are heavier)."""
+    import importlib
+    return importlib.import_module(script.removesuffix('.py'))
+
+
+class Job:
+    """One subprocess: a training (or resumed training) run, or one --test."""
+
+    def __init__(self, plan, extra, label, total):
+        self.plan, self.extra, self.label, self.total = plan, extra, label, total
+
+    def command(self, passthrough):
+        return [sys.executable, str(ROOT / self.plan.run.script), *self.plan.flags,
+                '--log_dir', str(self.plan.log_dir), *self.extra, *passthrough]
+
+    def execute(self, passthrough, description):
+        """Runs the command, its output appended to the run's console.log; a tqdm bar follows
+        the printed iterations."""
+        from tqdm import tqdm
+        command = self.command(passthrough)
+        self.plan.log_dir.mkdir(parents=True, exist_ok=True)
+        console = self.plan.log_dir / 'console.log'
+        with open(console, 'a') as log, \
+                tqdm(total=self.total, desc=description, unit='it', leave=True) as bar, \
+                subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) as process:
+            log.write(f'$ {shlex.join(command[1:])}\n')
+            last = ''
+            for line in process.stdout:
+                log.write(line)
+                last = line.strip() or last
+                if line.startswith('Iteration '):
+                    bar.update(int(line.split()[1].rstrip(':')) + 1 - bar.n)
+                elif line.startswith('Accuracy over'):
+                    bar.update(self.total - bar.n)
+        if process.returncode:
+            raise util.UserError(f'{self.plan.run.name} failed ({last}); its output is in '
+                                 f'{console}. Fix the cause and run again: finished work is kept')
+
+
+def jobs(plan):
+    """The subprocesses that finish a run: training from its latest checkpoint, then tests."""
+    plan.check_made_alike()
+    work = []
+    if not plan.trained():
+        start = plan.latest_checkpoint()
+        work.append(Job(plan, ['--checkpoint_step', str(start)],
+                        'train' if start < 0 else f'resume at {start + 1}', plan.iterations))
+    for shot, query in plan.run.tests:
+        if not plan.test_result(shot, query).is_file():
+            work.append(Job(plan, plan.test_flags(shot, query), f'test K={shot} Q={query}', 1))
+    return work
+
+
+def select(names):
+    """The runs named, or whose names start with NAME_ (`stability`: all six); all if none."""
+    chosen = {name: [run for run in RUNS if run.name == name or run.name.startswith(name + '_')]
+              for name in names}
+    unknown = [name for name, runs in chosen.items() if not runs]
+    if unknown:
+        raise util.UserError(f'no run named {", ".join(unknown)}; `python experiments.py --list` '
+                             'names them')
+    return [run for run in RUNS if any(run in runs for runs in chosen.values())] if names \
+        else list(RUNS)
+
+
+def main(args):
+    log_root = args.log_root or default_log_root(args.scale)
+    plans = [Plan.of(run, args.scale, log_root, args.datadir) for run in select(args.only)]
+    if args.list:
+        width = max(len(plan.run.name) for plan in plans)
+        for plan in plans:
+            print(f'{plan.run.name:{width}}  {plan.run.script:18} {plan.iterations:6} iterations  '
+                  f'{plan.state()}')
+        return
+    todo = [job for plan in plans for job in jobs(plan)]
+    passthrough = ['--device', args.device, '--amp', args.amp]
+    for number, job in enumerate(todo, start=1):
+        job.execute(passthrough, f'[{number}/{len(todo)}] {job.plan.run.name}: {job.label}')
+    print(f'{len(plans)} runs in {log_root}: ' + ('all done already' if not todo else
+                                                  f'{len(todo)} jobs done') +
+          f'. Next: python report.py --log_root {log_root}')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--scale', type=parse_scale, default='full',
+                        help="'full' (the handouts' lengths), 'tiny' (a few iterations, for a "
+                             "quick check) or a fraction of every run's length")
+    parser.add_argument('--log_root', default=None,
+                        help='where the runs go (default logs/experiments, or '
+                             'logs/experiments_tiny, logs/experiments_scale_F)')
+    parser.add_argument('--only', nargs='+', default=[], metavar='NAME',
+                        help='run only these (see --list); a prefix such as stability picks '
+                             'every run named stability_...')
+    parser.add_argument('--list', action='store_true', help='print the runs and their state')
+    parser.add_argument('--datadir', default=None,
+                        help="passed on to run_metabolism.py (default: its own, ./data/metabolism)")
+    parser.add_argument('--device', default='cpu', help="passed on: 'cpu' or 'gpu'")
+    parser.add_argument('--amp', default='none', choices=training.AMP_CHOICES, help='passed on')
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    util.cli(lambda: main(parse_args()))

@@ -1,0 +1,433 @@
+"""The report of experiments.py's runs: numbered, captioned figures and tables in one REPORT.md.
+
+    python report.py                       # reads logs/experiments, writes report/
+    python report.py --scale tiny          # reads logs/experiments_tiny
+    python report.py --log_root DIR --out DIR
+
+It reads each run's TensorBoard event files (TensorBoard's EventAccumulator), its flags.json and
+its --test result JSONs, and draws every plot the handouts ask for, with labelled lines; the
+tables put our test accuracies with their 95% intervals beside the numbers of the two filled-in
+reports of the course (CS 330 Autumn 2022 and 2023). A run trained for fewer iterations than the
+handouts ask is named as shortened on every figure and table that uses it. Runs not done yet are
+left out and listed.
+"""
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+import experiments
+import training
+import util
+
+VAL_QUERY = {'protonet.py': 'val_accuracy/query', 'run_metabolism.py': 'val_accuracy/query',
+             'maml.py': 'val_accuracy/post_adapt_query',
+             'maml_transfer.py': 'val_accuracy/post_adapt_query'}
+PROTONET_METRICS = {f'{split}_accuracy/{key}': f'{name} {key}'
+                    for split, name in (('train', 'train'), ('val', 'validation'))
+                    for key in ('support', 'query')}
+MAML_METRICS = {f'{split}_accuracy/{key}': f'{name} {label}'
+                for split, name in (('train', 'train'), ('val', 'validation'))
+                for key, label in (('pre_adapt_support', 'pre-adaptation support'),
+                                   ('post_adapt_support', 'post-adaptation support'),
+                                   ('post_adapt_query', 'post-adaptation query'))}
+PARTS = {'P1': 'Part 1: Prototypical networks', 'P2': 'Part 2: MAML',
+         'P3': 'Part 3: more support data at test time', 'P4': 'Part 4: TDC Metabolism',
+         'H2': 'Second handout: first-order MAML, MAML++ and transfer learning',
+         'RUNS': 'The runs'}
+P1, P2, P3, P4, H2, RUNS = PARTS
+FOMAML_BAR = 0.80  # the second handout: at least this validation query accuracy in 1000 steps
+# The two filled-in reports in ../shared/seeds, (mean, 95% interval or None where not given).
+REPORTED = {
+    'protonet_test': {'protonet_5shot': {'2022': (0.985, 0.002), '2023': (0.983, None)},
+                      'protonet_1shot': {'2022': (0.984, 0.002), '2023': (0.985, None)}},
+    'k_sweep_2023': {  # Table 2 of the 2023 report: K -> (ProtoNet, MAML with learned lrs)
+        1: ((0.985, 0.003), (0.979, 0.003)), 2: ((0.994, 0.001), (0.990, 0.002)),
+        4: ((0.995, 0.001), (0.993, 0.001)), 6: ((0.996, 0.001), (0.994, 0.001)),
+        8: ((0.996, 0.001), (0.996, 0.002)), 10: ((0.997, 0.001), (0.996, 0.001))},
+    'metabolism_val': {'2022': (0.76, 0.004), '2023': (0.720, 0.004)},
+}
+
+
+def scalars(log_dir, tag):
+    """(steps, values) of one logged scalar, sorted by step; a step logged twice (a resumed
+    run) keeps its last value; empty where the tag is not logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    if not Path(log_dir).is_dir():
+        return [], []
+    events = EventAccumulator(str(log_dir), size_guidance={'scalars': 0})
+    events.Reload()
+    if tag not in events.Tags()['scalars']:
+        return [], []
+    by_step = {event.step: event.value for event in events.Scalars(tag)}
+    return sorted(by_step), [by_step[step] for step in sorted(by_step)]
+
+
+def scalar_tags(log_dir, prefix):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(log_dir), size_guidance={'scalars': 0})
+    events.Reload()
+    return sorted(tag for tag in events.Tags()['scalars'] if tag.startswith(prefix))
+
+
+def interval(mean, ci95):
+    return f'{mean:.3f} ± {ci95:.3f}' if ci95 is not None else f'{mean:.3f}'
+
+
+class Runs:
+    """The runs of one log root as experiments.py made them."""
+
+    def __init__(self, log_root):
+        self.root = Path(log_root)
+        self.done = {run.name: run for run in experiments.RUNS
+                     if (self.root / run.name / training.FLAGS_FILE).is_file()}
+
+    def flags(self, name):
+        return json.loads((self.root / name / training.FLAGS_FILE).read_text())
+
+    def iterations(self, name):
+        return self.flags(name)['flags']['num_train_iterations']
+
+    def shortened(self, name):
+        """'' for a full-length run, else ' (shortened: N of M iterations)'."""
+        full, ran = self.done[name].iterations, self.iterations(name)
+        return '' if ran >= full else f' (shortened: {ran} of {full} iterations)'
+
+    def curve(self, name, tag=None):
+        return scalars(self.root / name, tag or VAL_QUERY[self.done[name].script])
+
+    def test(self, name, shot, query):
+        """The --test result JSON of (shot, query) at the run's latest tested checkpoint, with
+        the inner steps it trained with, or None."""
+        inner_steps = self.flags(name)['flags'].get('num_inner_steps')
+        results = [json.loads(path.read_text()) for path in (self.root / name).glob('test.*.json')]
+        return max((result for result in results
+                    if (result['shot'], result['query'], result['inner_steps'])
+                    == (shot, query, inner_steps)),
+                   key=lambda result: result['checkpoint_step'], default=None)
+
+    def note(self, names):
+        """The sentence every figure and table ends with: which of its runs were shortened."""
+        short = [f'{name}, {self.iterations(name)} of {self.done[name].iterations} iterations'
+                 for name in names if self.shortened(name)]
+        return (' Shortened runs: ' + '; '.join(short) + '.') if short else \
+            ' Every run full length.'
+
+
+@dataclasses.dataclass
+class Figure:
+    part: str
+    slug: str
+    title: str
+    caption: str
+    runs: tuple  # the runs it needs
+    draw: object  # (ax, runs) -> None
+
+
+def draw_curves(labels, tag=None):
+    """Validation query accuracy (or tag) of several runs, one labelled line each."""
+    def draw(ax, runs):
+        for name, label in labels.items():
+            steps, values = runs.curve(name, tag)
+            ax.plot(steps, values, marker='o', markersize=2, label=label + runs.shortened(name))
+        ax.set_ylabel('validation query accuracy' if tag is None else tag)
+    return draw
+
+
+def draw_metrics(name, metrics):
+    """Several logged metrics of one run."""
+    def draw(ax, runs):
+        for tag, label in metrics.items():
+            steps, values = runs.curve(name, tag)
+            ax.plot(steps, values, label=label, linestyle='-' if tag.startswith('val') else ':')
+        ax.set_ylabel('accuracy')
+    return draw
+
+
+def draw_inner_lrs(name):
+    def draw(ax, runs):
+        for tag in scalar_tags(runs.root / name, 'inner_lrs/'):
+            ax.plot(*runs.curve(name, tag), label=tag.removeprefix('inner_lrs/'))
+        ax.set_ylabel('inner learning rate')
+    return draw
+
+
+def draw_k_sweep(ax, runs):
+    for offset, (name, label) in zip((-0.1, 0.1), SWEEP_MODELS.items()):
+        results = [runs.test(name, shot, 10) for shot in experiments.K_SWEEP]
+        shots = [shot + offset for shot, result in zip(experiments.K_SWEEP, results) if result]
+        results = [result for result in results if result]
+        ax.errorbar(shots, [r['mean'] for r in results], yerr=[r['ci95'] for r in results],
+                    marker='o', capsize=3, label=label + runs.shortened(name))
+    ax.set_xlabel('support examples per class at test time (K), Q = 10')
+    ax.set_xticks(experiments.K_SWEEP)
+    ax.set_ylabel('test accuracy (95% interval)')
+
+
+def draw_metabolism(ax, runs):
+    steps, accuracies = runs.curve('metabolism')
+    _, ci95 = runs.curve('metabolism', 'val_accuracy/ci95')
+    ax.errorbar(steps, accuracies, yerr=ci95, marker='o', capsize=3,
+                label='validation query accuracy, 95% interval' + runs.shortened('metabolism'))
+    ax.set_ylabel('validation query accuracy')
+
+
+def draw_fomaml(ax, runs):
+    draw_curves({'fomaml_5shot': 'first-order MAML, 5 inner steps'})(ax, runs)
+    ax.axhline(FOMAML_BAR, color='grey', linestyle='--', label="the handout's bar (0.80)")
+
+
+def draw_stability(ax, runs):
+    for (method, label), color in zip({'maml': 'MAML', 'mamlpp': 'MAML++'}.items(),
+                                      ('tab:blue', 'tab:orange')):
+        curves = [runs.curve(f'stability_{method}_seed_{seed}')
+                  for seed in experiments.STABILITY_SEEDS]
+        for steps, values in curves:
+            ax.plot(steps, values, color=color, alpha=0.35, linewidth=1)
+        length = min(len(steps) for steps, _ in curves)
+        mean = np.mean([values[:length] for _, values in curves], axis=0)
+        ax.plot(curves[0][0][:length], mean, color=color, linewidth=2.5, marker='o',
+                markersize=3, label=f'{label}: mean of {len(curves)} seeds (thin: each seed)'
+                                    + runs.shortened(f'stability_{method}_seed_0'))
+    ax.set_ylabel('validation post-adaptation query accuracy')
+
+
+SWEEP_MODELS = {'protonet_1shot': 'ProtoNet (trained 5-way 1-shot)',
+                'maml_learned_inner_lrs': 'MAML, learned inner lrs (trained 5-way 1-shot)'}
+STABILITY_RUNS = tuple(f'stability_{method}_seed_{seed}' for method in
+                       experiments.STABILITY_METHODS for seed in experiments.STABILITY_SEEDS)
+FIGURES = (
+    Figure(P1, 'protonet_metrics', 'ProtoNet, 5-way 5-shot: the four accuracy metrics',
+           'Support and query accuracy on training tasks (dotted) and validation tasks (solid).',
+           ('protonet_5shot',), draw_metrics('protonet_5shot', PROTONET_METRICS)),
+    Figure(P1, 'protonet_shots', 'ProtoNet: trained 5-way 5-shot vs 5-way 1-shot',
+           'Validation query accuracy of the two ProtoNets (their own task shapes).',
+           ('protonet_5shot', 'protonet_1shot'),
+           draw_curves({'protonet_5shot': 'trained 5-way 5-shot',
+                        'protonet_1shot': 'trained 5-way 1-shot'})),
+    Figure(P2, 'maml_metrics', 'MAML, inner learning rate 0.4: the six accuracy metrics',
+           'Pre- and post-adaptation accuracies on training tasks (dotted) and validation tasks '
+           '(solid), 5-way 1-shot, one inner step.', ('maml_inner_lr_0.4',),
+           draw_metrics('maml_inner_lr_0.4', MAML_METRICS)),
+    Figure(P2, 'maml_inner_lr', 'MAML: inner learning rate 0.4 vs 0.04',
+           'Validation post-adaptation query accuracy, one inner step.',
+           ('maml_inner_lr_0.4', 'maml_inner_lr_0.04'),
+           draw_curves({'maml_inner_lr_0.4': 'inner lr 0.4', 'maml_inner_lr_0.04': 'inner lr 0.04'})),
+    Figure(P2, 'maml_inner_steps', 'MAML, inner learning rate 0.04: 1 vs 5 inner steps',
+           'Validation post-adaptation query accuracy.',
+           ('maml_inner_lr_0.04', 'maml_inner_lr_0.04_5_steps'),
+           draw_curves({'maml_inner_lr_0.04': '1 inner step',
+                        'maml_inner_lr_0.04_5_steps': '5 inner steps'})),
+    Figure(P2, 'maml_learned_lrs', 'MAML: learned vs fixed inner learning rates (both start at 0.4)',
+           'Validation post-adaptation query accuracy.',
+           ('maml_inner_lr_0.4', 'maml_learned_inner_lrs'),
+           draw_curves({'maml_inner_lr_0.4': 'fixed inner lr 0.4',
+                        'maml_learned_inner_lrs': 'learned inner lrs'})),
+    Figure(P2, 'learned_lrs', 'MAML: the learned inner learning rates',
+           'One learning rate per parameter tensor (conv0..3, b0..3: convolutions and biases; '
+           'w4, b4: the linear layer), as training learns them from 0.4.',
+           ('maml_learned_inner_lrs',), draw_inner_lrs('maml_learned_inner_lrs')),
+    Figure(P3, 'k_sweep', 'More support data at test time (K sweep)',
+           'Test accuracy of the two 1-shot-trained models on 5-way K-shot tasks with 10 queries '
+           'per class, error bars the 95% interval over the test tasks (the two sets of points '
+           'are shifted apart by 0.1 to be told apart).', tuple(SWEEP_MODELS), draw_k_sweep),
+    Figure(P4, 'metabolism', 'ProtoNet on TDC Metabolism',
+           "Validation query accuracy, 2-way 5-shot tasks of the validation data sets, error bars "
+           "the 95% interval over about 2,400 tasks (the assignment's validation).",
+           ('metabolism',), draw_metabolism),
+    Figure(H2, 'fomaml', 'First-order MAML, 5-way 5-shot, 5 inner steps (second handout)',
+           'Validation post-adaptation query accuracy, against the bar the handout sets.',
+           ('fomaml_5shot',), draw_fomaml),
+    Figure(H2, 'second_handout', 'First-order MAML, MAML++ and the transfer-learning baseline',
+           'Validation post-adaptation query accuracy on 5-way 5-shot tasks; for the transfer '
+           'baseline, a new linear layer fitted to each task on the pre-trained, frozen features.',
+           ('fomaml_5shot', 'mamlpp_5shot', 'transfer_5shot'),
+           draw_curves({'fomaml_5shot': 'first-order MAML', 'mamlpp_5shot': 'MAML++',
+                        'transfer_5shot': 'transfer learning'})),
+    Figure(H2, 'stability', 'Training stability: MAML vs MAML++ (second handout, extra credit)',
+           'Validation post-adaptation query accuracy, 5-way 1-shot, 5 inner steps at inner '
+           'learning rate 0.4, three seeds per method.', STABILITY_RUNS, draw_stability),
+)
+
+
+def render(figure, runs, path):
+    """Draws one figure to a PNG; returns the matplotlib figure (its lines are the data)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    figure.draw(ax, runs)
+    if not ax.get_xlabel():
+        ax.set_xlabel('training iteration')
+    ax.set_title(figure.title, fontsize=11)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+# ----- tables -----
+@dataclasses.dataclass
+class Table:
+    part: str
+    title: str
+    caption: str
+    runs: tuple  # the runs it needs
+    build: object  # runs -> (header, rows)
+
+
+def test_cell(runs, name, shot, query):
+    result = runs.test(name, shot, query)
+    return interval(result['mean'], result['ci95']) if result else 'not tested'
+
+
+def reported_cell(value):
+    return interval(*value) if value else '—'
+
+
+def last_validation(runs, name, tag=None):
+    steps, values = runs.curve(name, tag)
+    return f'{values[-1]:.3f} (iteration {steps[-1]})' if steps else '—'
+
+
+def protonet_rows(runs):
+    return (['trained as', 'ours', '2022 report', '2023 report'],
+            [[name, test_cell(runs, name, 1, 15),
+              *(reported_cell(REPORTED['protonet_test'][name][year]) for year in ('2022', '2023'))]
+             for name in ('protonet_5shot', 'protonet_1shot')])
+
+
+def maml_rows(runs):
+    return ['run', 'ours'], [[name, test_cell(runs, name, 1, 15)] for name in MAML_RUNS]
+
+
+def k_sweep_rows(runs):
+    return (['K', 'ProtoNet (ours)', 'ProtoNet (2023 report)', 'MAML, learned lrs (ours)',
+             'MAML (2023 report)'],
+            [[str(shot), test_cell(runs, 'protonet_1shot', shot, 10),
+              reported_cell(REPORTED['k_sweep_2023'][shot][0]),
+              test_cell(runs, 'maml_learned_inner_lrs', shot, 10),
+              reported_cell(REPORTED['k_sweep_2023'][shot][1])] for shot in experiments.K_SWEEP])
+
+
+def metabolism_rows(runs):
+    steps, accuracies = runs.curve('metabolism')
+    _, ci95 = runs.curve('metabolism', 'val_accuracy/ci95')
+    return (['', 'validation query accuracy', 'test accuracy'],
+            [['ours', f'{interval(accuracies[-1], ci95[-1])} (iteration {steps[-1]})',
+              test_cell(runs, 'metabolism', 5, 10)],
+             *([f'{year} report', reported_cell(value), '—']
+               for year, value in REPORTED['metabolism_val'].items())])
+
+
+def second_handout_rows(runs):
+    return (['run', 'last validation', 'test accuracy'],
+            [[name, last_validation(runs, name), test_cell(runs, name, 5, 15)]
+             for name in SECOND_HANDOUT_RUNS])
+
+
+def runs_rows(runs):
+    return (['run', 'command', 'iterations', 'last started'],
+            [[name, f"`{' '.join([record['script'], *record['argv']])}`",
+              f'{runs.iterations(name)} of {runs.done[name].iterations}', record['date']]
+             for name, record in ((name, runs.flags(name)) for name in runs.done)])
+
+
+MAML_RUNS = ('maml_inner_lr_0.4', 'maml_inner_lr_0.04', 'maml_inner_lr_0.04_5_steps',
+             'maml_learned_inner_lrs')
+SECOND_HANDOUT_RUNS = ('fomaml_5shot', 'mamlpp_5shot', 'transfer_5shot')
+TABLES = (
+    Table(P1, 'ProtoNet: test accuracy on 5-way 1-shot tasks',
+          'Both ProtoNets tested on 5-way 1-shot test tasks (15 queries per class) at their last '
+          'checkpoint, mean ± 95% interval, beside the two reports.',
+          ('protonet_5shot', 'protonet_1shot'), protonet_rows),
+    Table(P2, 'MAML: test accuracy on 5-way 1-shot tasks',
+          'Test tasks with 15 queries per class, at the last checkpoint (the reports give no such '
+          "table; the 2023 report's K = 1, Q = 10 value for learned inner lrs is in the K sweep "
+          'table).', MAML_RUNS, maml_rows),
+    Table(P3, 'More support data at test time: test accuracy against K',
+          'Models trained on 5-way 1-shot tasks, tested on 5-way K-shot tasks with Q = 10, mean ± '
+          '95% interval, beside Table 2 of the 2023 report.', tuple(SWEEP_MODELS), k_sweep_rows),
+    Table(P4, 'ProtoNet on TDC Metabolism',
+          "Last validation query accuracy with its 95% interval (about 2,400 tasks; the reports' "
+          '0.004 is the spread of batch means, about half an interval over tasks) and the test '
+          'accuracy.', ('metabolism',), metabolism_rows),
+    Table(H2, 'Second handout: 5-way 5-shot',
+          'Last validation post-adaptation query accuracy and the test accuracy; the '
+          f"handout's bar for first-order MAML is {FOMAML_BAR:.2f} on validation within 1000 "
+          'iterations.', SECOND_HANDOUT_RUNS, second_handout_rows),
+    Table(RUNS, 'Every run and how it was made',
+          "Each run's command (its log dir's flags.json holds every flag, TensorBoard's HPARAMS "
+          "tab the same), its length against the handouts', and when it started.", (), runs_rows),
+)
+
+
+def markdown_table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
+def write_report(log_root, out):
+    """Draws every figure whose runs are done and builds every table, part by part, into
+    out/REPORT.md and out/figures/; returns {slug: matplotlib figure}."""
+    runs = Runs(log_root)
+    figures_dir = Path(out) / 'figures'
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    for stale in figures_dir.glob('figure*.png'):
+        stale.unlink()
+    ready = [item for item in FIGURES + TABLES if set(item.runs) <= set(runs.done)]
+    lines, drawn, numbers = [f'# Few-shot meta-learning: the report\n\nRuns read from '
+                             f'`{log_root}`.'], {}, {Figure: 0, Table: 0}
+    for part, heading in PARTS.items():
+        items = [item for item in ready if item.part == part]
+        if items:
+            lines.append(f'\n## {heading}\n')
+        for item in items:
+            numbers[type(item)] += 1
+            lines.append(render_item(item, numbers[type(item)], runs, figures_dir, drawn))
+    missing = [item.title for item in FIGURES + TABLES if item not in ready]
+    if missing:
+        lines.append('\nNot in the report yet, their runs not done: ' + '; '.join(missing)
+                     + '. Run `python experiments.py`, then this again.')
+    with util.atomic_file(Path(out) / 'REPORT.md', 'w') as file:
+        file.write('\n'.join(lines) + '\n')
+    return drawn
+
+
+def render_item(item, number, runs, figures_dir, drawn):
+    """One figure (drawn to a PNG) or table as Markdown with its number and caption."""
+    note = runs.note(item.runs or runs.done)
+    if isinstance(item, Figure):
+        path = figures_dir / f'figure{number:02d}_{item.slug}.png'
+        drawn[item.slug] = render(item, runs, path)
+        return (f'![Figure {number}](figures/{path.name})\n\n**Figure {number}: {item.title}.** '
+                f'{item.caption}{note}\n')
+    header, rows = item.build(runs)
+    return f'**Table {number}: {item.title}.** {item.caption}{note}\n\n' \
+           f'{markdown_table(header, rows)}\n'
+
+
+def main(args):
+    log_root = args.log_root or experiments.default_log_root(args.scale)
+    if not Path(log_root).is_dir():
+        raise util.UserError(f'no runs in {log_root}; run `python experiments.py` first '
+                             '(same --scale / --log_root)')
+    drawn = write_report(log_root, args.out)
+    print(f'Wrote {Path(args.out) / "REPORT.md"} with {len(drawn)} figures.')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--scale', type=experiments.parse_scale, default='full',
+                        help="which experiments.py scale to read ('full', 'tiny' or a fraction)")
+    parser.add_argument('--log_root', default=None, help="the runs' root (default: the scale's)")
+    parser.add_argument('--out', default='report', help='where REPORT.md and figures/ go')
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    util.cli(lambda: main(parse_args()))

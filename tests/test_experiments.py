@@ -1,0 +1,161 @@
+"""experiments.py and report.py end to end at tiny scale, on the real data: every run of both
+handouts, every figure and table, numbers and points checked against what the runs wrote."""
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import experiments
+import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*argv):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory, built):
+    """(log root, report folder, first experiments.py output, {slug: figure}): the whole list."""
+    root = tmp_path_factory.mktemp('experiments')
+    datadir = built[0]
+    made = run_script('experiments.py', '--scale', 'tiny', '--log_root', str(root / 'logs'),
+                      '--datadir', str(datadir))
+    assert made.returncode == 0, made.stderr[-2000:]
+    figures = report.write_report(root / 'logs', root / 'report')
+    return root / 'logs', root / 'report', made.stdout, figures
+
+
+def tables(markdown):
+    """{table title: [row cells]} of REPORT.md."""
+    found = {}
+    for title, body in re.findall(r'\*\*Table \d+: (.+?)\.\*\*.*?\n\n((?:\|.*\n)+)', markdown):
+        found[title] = [[cell.strip() for cell in line.strip('|\n').split('|')]
+                        for line in body.splitlines()[2:]]
+    return found
+
+
+def result(log_root, name, shot, query):
+    paths = list((log_root / name).glob(f'test.way_*.support_{shot}.query_{query}.*json'))
+    assert len(paths) == 1, paths
+    value = json.loads(paths[0].read_text())
+    return f"{value['mean']:.3f} ± {value['ci95']:.3f}"
+
+
+def test_every_figure_and_table_is_produced(tiny):
+    log_root, out, _, figures = tiny
+    markdown = (out / 'REPORT.md').read_text()
+    assert 'Not in the report yet' not in markdown
+    pngs = sorted(path.name for path in (out / 'figures').iterdir())
+    assert pngs == [f'figure{n:02d}_{f.slug}.png' for n, f in enumerate(report.FIGURES, 1)]
+    for number, png in enumerate(pngs, 1):
+        assert (out / 'figures' / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+        assert f'![Figure {number}](figures/{png})' in markdown
+    assert set(tables(markdown)) == {table.title for table in report.TABLES}
+    # tiny runs are shortened, and every figure and table says so
+    captions = re.findall(r'\*\*(?:Figure|Table) \d+:.*', markdown)
+    assert len(captions) == len(report.FIGURES) + len(report.TABLES)
+    assert all('Shortened runs:' in caption for caption in captions)
+    for slug in ('k_sweep', 'second_handout', 'stability', 'maml_inner_lr'):
+        legend = [text.get_text() for text in figures[slug].axes[0].get_legend().texts]
+        assert legend and all('(shortened: 1 of ' in label for label in legend), legend
+
+
+def test_the_report_numbers_are_the_json_results(tiny):
+    log_root, out, _, _ = tiny
+    found = tables((out / 'REPORT.md').read_text())
+    protonet = {row[0]: row for row in found['ProtoNet: test accuracy on 5-way 1-shot tasks']}
+    for name in ('protonet_5shot', 'protonet_1shot'):
+        assert protonet[name][1] == result(log_root, name, 1, 15)
+    assert protonet['protonet_5shot'][2] == '0.985 ± 0.002'  # the 2022 report's
+    maml = {row[0]: row[1] for row in found['MAML: test accuracy on 5-way 1-shot tasks']}
+    assert maml == {name: result(log_root, name, 1, 15) for name in report.MAML_RUNS}
+    for row in found['More support data at test time: test accuracy against K']:
+        shot = int(row[0])
+        assert row[1] == result(log_root, 'protonet_1shot', shot, 10)
+        assert row[3] == result(log_root, 'maml_learned_inner_lrs', shot, 10)
+    metabolism = found['ProtoNet on TDC Metabolism'][0]
+    assert metabolism[2] == result(log_root, 'metabolism', 5, 10)
+    events = EventAccumulator(str(log_root / 'metabolism'))
+    events.Reload()
+    accuracy, ci95 = (events.Scalars(tag)[-1].value
+                      for tag in ('val_accuracy/query', 'val_accuracy/ci95'))
+    assert metabolism[1] == f'{accuracy:.3f} ± {ci95:.3f} (iteration 0)'
+    second = {row[0]: row[2] for row in found['Second handout: 5-way 5-shot']}
+    assert second == {name: result(log_root, name, 5, 15) for name in report.SECOND_HANDOUT_RUNS}
+    commands = {row[0]: row[1] for row in found['Every run and how it was made']}
+    assert set(commands) == {run.name for run in experiments.RUNS}
+    assert commands['fomaml_5shot'].startswith('`maml.py --first_order --num_support 5 '
+                                               '--num_inner_steps 5 --batch_size 2')
+
+
+def test_a_figure_draws_the_logged_scalars(tiny):
+    log_root, _, _, figures = tiny
+    events = EventAccumulator(str(log_root / 'maml_inner_lr_0.4'))
+    events.Reload()
+    lines = {line.get_label(): line.get_xydata() for line in figures['maml_metrics'].axes[0].lines}
+    assert len(lines) == 6
+    for tag, label in report.MAML_METRICS.items():
+        logged = [(event.step, event.value) for event in events.Scalars(tag)]
+        np.testing.assert_allclose(lines[label], logged, rtol=1e-6)
+    sweep = figures['k_sweep'].axes[0].containers  # one errorbar each: (line, caps, bars)
+    for container, offset, name in zip(sweep, (-0.1, 0.1), report.SWEEP_MODELS):
+        points = container.lines[0].get_xydata()
+        np.testing.assert_allclose(points[:, 0], np.array(experiments.K_SWEEP) + offset)
+        np.testing.assert_allclose(points[:, 1], [float(result(log_root, name, shot, 10).split()[0])
+                                                  for shot in experiments.K_SWEEP], atol=5e-4)
+
+
+def test_a_second_call_does_no_work(tiny):
+    log_root, _, first, _ = tiny
+    assert f'{len(experiments.RUNS)} runs in {log_root}' in first
+    before = {path: path.stat().st_mtime_ns for path in log_root.rglob('*')}
+    again = run_script('experiments.py', '--scale', 'tiny', '--log_root', str(log_root))
+    assert again.returncode == 0 and 'all done already' in again.stdout
+    assert {path: path.stat().st_mtime_ns for path in log_root.rglob('*')} == before
+    listed = run_script('experiments.py', '--scale', 'tiny', '--log_root', str(log_root), '--list')
+    states = [line.split()[-1] for line in listed.stdout.splitlines()]
+    assert states == ['done'] * len(experiments.RUNS)
+
+
+def test_a_stopped_run_resumes_from_its_latest_checkpoint(tmp_path):
+    run = experiments.BY_NAME['protonet_5shot']
+    plan = experiments.Plan(run, tmp_path / run.name, 201,
+                            [*run.flags, '--batch_size', '2', '--num_train_iterations', '201'], 4)
+    first, = experiments.jobs(plan)[:1]
+    process = subprocess.Popen(first.command([]), cwd=ROOT, stdout=subprocess.DEVNULL)
+    while not (plan.log_dir / 'state100.pt').is_file() and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (plan.log_dir / 'state200.pt').exists(), 'the run ended before it was stopped'
+    assert plan.state() == 'stopped at checkpoint 100 of 200'
+    todo = experiments.jobs(plan)
+    assert [job.label for job in todo] == ['resume at 101', 'test K=1 Q=15']
+    for job in todo:
+        job.execute([], job.label)
+    assert 'Loaded checkpoint iteration 100.' in (plan.log_dir / 'console.log').read_text()
+    assert plan.state() == 'done' and experiments.jobs(plan) == []
+
+
+def test_bad_input_is_a_one_line_error(tiny, tmp_path):
+    log_root = tiny[0]
+    for argv, message in (
+            (['--scale', '2'], "--scale must be 'full', 'tiny' or a fraction in (0, 1], got '2'"),
+            (['--only', 'protonet_2shot'], 'no run named protonet_2shot'),
+            (['--scale', '0.5', '--log_root', str(log_root), '--only', 'protonet_1shot'],
+             f'{log_root / "protonet_1shot"} holds a run made with --batch_size 2 (this scale: '
+             '16), --num_train_iterations 1 (this scale: 2500)')):
+        failed = run_script('experiments.py', *argv)
+        assert failed.returncode == 2 and 'Traceback' not in failed.stderr
+        assert message in failed.stderr.strip().splitlines()[-1]
+    missing = run_script('report.py', '--log_root', str(tmp_path / 'none'))
+    assert missing.returncode == 2 and 'no runs in' in missing.stderr
