@@ -20,7 +20,6 @@ import torch
 import distributed
 import float64_run
 import maml_transfer
-import training
 import util
 
 ROOT = Path(__file__).resolve().parents[1]
