@@ -100,9 +100,13 @@ def parse_scale(text):
     return 'full' if fraction == 1 else fraction
 
 
+def scale_suffix(scale):
+    """'' for full length, else '_tiny' or '_scale_F': what names a scale's log root and report."""
+    return {'full': '', 'tiny': '_tiny'}.get(scale, f'_scale_{scale}')
+
+
 def default_log_root(scale):
-    return {'full': 'logs/experiments', 'tiny': 'logs/experiments_tiny'}.get(
-        scale, f'logs/experiments_scale_{scale}')
+    return f'logs/experiments{scale_suffix(scale)}'
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """The report of experiments.py's runs: numbered, captioned figures and tables in one REPORT.md.
 
     python report.py                       # reads logs/experiments, writes report/
-    python report.py --scale tiny          # reads logs/experiments_tiny
+    python report.py --scale tiny          # reads logs/experiments_tiny, writes report_tiny/
     python report.py --log_root DIR --out DIR
 
 It reads each run's TensorBoard event files (TensorBoard's EventAccumulator), its flags.json and
@@ -416,8 +416,9 @@ def main(args):
     if not Path(log_root).is_dir():
         raise util.UserError(f'no runs in {log_root}; run `python experiments.py` first '
                              '(same --scale / --log_root)')
-    drawn = write_report(log_root, args.out)
-    print(f'Wrote {Path(args.out) / "REPORT.md"} with {len(drawn)} figures.')
+    out = args.out or f'report{experiments.scale_suffix(args.scale)}'
+    drawn = write_report(log_root, out)
+    print(f'Wrote {Path(out) / "REPORT.md"} with {len(drawn)} figures.')
 
 
 def parse_args(argv=None):
@@ -425,7 +426,9 @@ def parse_args(argv=None):
     parser.add_argument('--scale', type=experiments.parse_scale, default='full',
                         help="which experiments.py scale to read ('full', 'tiny' or a fraction)")
     parser.add_argument('--log_root', default=None, help="the runs' root (default: the scale's)")
-    parser.add_argument('--out', default='report', help='where REPORT.md and figures/ go')
+    parser.add_argument('--out', default=None,
+                        help="where REPORT.md and figures/ go (default report, or report_tiny, "
+                             "report_scale_F)")
     return parser.parse_args(argv)
 
 
