@@ -22,6 +22,16 @@ os.environ.setdefault('OMNIGLOT_MIRROR', (SHARED_DATA / 'omniglot').as_uri())
 os.environ.setdefault('OMNIGLOT_DIR', str(ROOT / 'data' / 'omniglot'))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run faster on one thread, and much faster on a busy machine."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def built(tmp_path_factory):
     """(datadir, data, printed output, seconds): all 8 real files built through a file:// mirror."""

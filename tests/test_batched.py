@@ -27,13 +27,7 @@ NUM_WAY = 3
 PROTONET_MODULES = {'ProtoNetNetwork': protonet.ProtoNetNetwork, 'FCNet': run_metabolism.FCNet}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
 
 
 def evaluate(learner, task_batch, train):
