@@ -51,25 +51,26 @@ REPORTED = {
 }
 
 
+def events(log_dir):
+    """A run's TensorBoard event files, read (TensorBoard's own reader, every point kept)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(log_dir), size_guidance={'scalars': 0})
+    accumulator.Reload()
+    return accumulator
+
+
 def scalars(log_dir, tag):
     """(steps, values) of one logged scalar, sorted by step; a step logged twice (a resumed
     run) keeps its last value; empty where the tag is not logged."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    if not Path(log_dir).is_dir():
+    logged = events(log_dir)
+    if tag not in logged.Tags()['scalars']:
         return [], []
-    events = EventAccumulator(str(log_dir), size_guidance={'scalars': 0})
-    events.Reload()
-    if tag not in events.Tags()['scalars']:
-        return [], []
-    by_step = {event.step: event.value for event in events.Scalars(tag)}
+    by_step = {event.step: event.value for event in logged.Scalars(tag)}
     return sorted(by_step), [by_step[step] for step in sorted(by_step)]
 
 
 def scalar_tags(log_dir, prefix):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(log_dir), size_guidance={'scalars': 0})
-    events.Reload()
-    return sorted(tag for tag in events.Tags()['scalars'] if tag.startswith(prefix))
+    return sorted(tag for tag in events(log_dir).Tags()['scalars'] if tag.startswith(prefix))
 
 
 def interval(mean, ci95):
