@@ -142,7 +142,8 @@ def draw_metrics(name, metrics):
     def draw(ax, runs):
         for tag, label in metrics.items():
             steps, values = runs.curve(name, tag)
-            ax.plot(steps, values, label=label, linestyle='-' if tag.startswith('val') else ':')
+            ax.plot(steps, values, label=label, linestyle='-' if tag.startswith('val') else ':',
+                    marker='o', markersize=2)
         ax.set_ylabel('accuracy')
     return draw
 
@@ -150,7 +151,8 @@ def draw_metrics(name, metrics):
 def draw_inner_lrs(name):
     def draw(ax, runs):
         for tag in scalar_tags(runs.root / name, 'inner_lrs/'):
-            ax.plot(*runs.curve(name, tag), label=tag.removeprefix('inner_lrs/'))
+            ax.plot(*runs.curve(name, tag), label=tag.removeprefix('inner_lrs/'), marker='o',
+                    markersize=2)
         ax.set_ylabel('inner learning rate')
     return draw
 
