@@ -59,18 +59,13 @@ def events(log_dir):
     return accumulator
 
 
-def scalars(log_dir, tag):
-    """(steps, values) of one logged scalar, sorted by step; a step logged twice (a resumed
-    run) keeps its last value; empty where the tag is not logged."""
-    logged = events(log_dir)
+def scalars(logged, tag):
+    """(steps, values) of one scalar of a run's events, sorted by step; a step logged twice (a
+    resumed run) keeps its last value; empty where the tag is not logged."""
     if tag not in logged.Tags()['scalars']:
         return [], []
     by_step = {event.step: event.value for event in logged.Scalars(tag)}
     return sorted(by_step), [by_step[step] for step in sorted(by_step)]
-
-
-def scalar_tags(log_dir, prefix):
-    return sorted(tag for tag in events(log_dir).Tags()['scalars'] if tag.startswith(prefix))
 
 
 def interval(mean, ci95):
@@ -82,6 +77,7 @@ class Runs:
 
     def __init__(self, log_root):
         self.root = Path(log_root)
+        self._events = {}  # each run's event files, read once
         self.done = {run.name: run for run in experiments.RUNS
                      if (self.root / run.name / training.FLAGS_FILE).is_file()}
 
@@ -96,8 +92,13 @@ class Runs:
         full, ran = self.done[name].iterations, self.iterations(name)
         return '' if ran >= full else f' (shortened: {ran} of {full} iterations)'
 
+    def events(self, name):
+        if name not in self._events:
+            self._events[name] = events(self.root / name)
+        return self._events[name]
+
     def curve(self, name, tag=None):
-        return scalars(self.root / name, tag or VAL_QUERY[self.done[name].script])
+        return scalars(self.events(name), tag or VAL_QUERY[self.done[name].script])
 
     def test(self, name, shot, query):
         """The --test result JSON of (shot, query) at the run's latest tested checkpoint, with
@@ -150,7 +151,8 @@ def draw_metrics(name, metrics):
 
 def draw_inner_lrs(name):
     def draw(ax, runs):
-        for tag in scalar_tags(runs.root / name, 'inner_lrs/'):
+        for tag in sorted(tag for tag in runs.events(name).Tags()['scalars']
+                          if tag.startswith('inner_lrs/')):
             ax.plot(*runs.curve(name, tag), label=tag.removeprefix('inner_lrs/'), marker='o',
                     markersize=2)
         ax.set_ylabel('inner learning rate')
