@@ -18,6 +18,7 @@ The scheme, the same computation as one process's (up to the order of floating-p
 """
 import atexit
 import contextlib
+import datetime
 import os
 
 import numpy as np
@@ -27,6 +28,9 @@ import torch.distributed as dist
 import util
 
 TORCHRUN_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
+# How long the other processes wait for each machine's first one to download and build the
+# data (local_main_first); training's collectives keep the backend's own timeout.
+DATA_TIMEOUT = datetime.timedelta(hours=1)
 
 
 def launched():
@@ -68,7 +72,10 @@ def setup(device):
     elif device.type != 'cpu':
         raise util.UserError(f'torchrun runs on CUDA (NCCL) or the CPU (gloo), not on '
                              f'{device.type}; use --device cpu')
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if device.type == 'cuda':  # NCCL binds this process's GPU now, not at a first guess
+        dist.init_process_group('nccl', device_id=device)
+    else:
+        dist.init_process_group('gloo')
     atexit.register(dist.destroy_process_group)
     return device
 
@@ -84,14 +91,19 @@ def check_divides(batch_size):
 @contextlib.contextmanager
 def local_main_first():
     """Runs the block in each machine's first process (LOCAL_RANK 0) before the others, so that
-    one process per machine downloads and caches the data and the others read its cache. If the
-    first fails, torchrun stops the ones waiting."""
-    first = int(os.environ.get('LOCAL_RANK', 0)) == 0
-    if launched() and not first:
-        dist.barrier()
+    one process per machine downloads and caches the data and the others read its cache. They
+    wait on a CPU group of their own, for up to DATA_TIMEOUT (a download can outlast NCCL's
+    default timeout). If the first fails, torchrun stops the ones waiting."""
+    if not launched():
+        yield
+        return
+    first = int(os.environ['LOCAL_RANK']) == 0
+    group = dist.new_group(backend='gloo', timeout=DATA_TIMEOUT)
+    if not first:
+        dist.barrier(group=group)
     yield
-    if launched() and first:
-        dist.barrier()
+    if first:
+        dist.barrier(group=group)
 
 
 def share(items, start=0):
@@ -130,10 +142,11 @@ def interleave(shares):
     return ordered
 
 
-def average_gradients(parameters, loss):
-    """Replaces each gradient by its mean over the processes; returns the mean loss, a float.
+def average_gradients(parameters, values):
+    """Replaces each gradient by its mean over the processes; returns the mean of values.
 
-    One all_reduce of one flat buffer holding every gradient and the loss. Not
+    One all_reduce of one flat buffer holding every gradient and the values; nothing waits
+    for the device (the caller reads the result when it needs it). Not
     DistributedDataParallel: it wraps an nn.Module and hooks its forward and backward, but
     MAML's weights are a dict of tensors used through functional calls and differentiated
     through in its inner loop, and the transfer baseline's too; one explicit reduction after
@@ -143,18 +156,19 @@ def average_gradients(parameters, loss):
     Args:
         parameters (iterable of Tensor): the optimizer's parameters; those without a gradient
             (not trained) are skipped, the same ones in every process
-        loss (Tensor): this process's mean loss, 0-dim
+        values (Tensor): 1-d, this process's mean loss and metrics over its equal share of
+            the batch (their means over the processes are the whole batch's)
     """
     if world_size() == 1:
-        return loss.item()
+        return values
     gradients = [p.grad for p in parameters if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in gradients] + [loss.detach().reshape(1)])
+    flat = torch.cat([g.flatten() for g in gradients] + [values.to(gradients[0].dtype)])
     dist.all_reduce(flat)
     flat /= world_size()
-    *means, mean_loss = flat.split([g.numel() for g in gradients] + [1])
+    *means, mean_values = flat.split([g.numel() for g in gradients] + [len(values)])
     for gradient, mean in zip(gradients, means):
         gradient.copy_(mean.view_as(gradient))
-    return mean_loss.item()
+    return mean_values.to(values.dtype)
 
 
 class NullWriter:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+DEVICES_WITHOUT_FLOAT64 = ('mps',)  # Apple's GPUs: "Cannot convert a MPS Tensor to float64"
+
 
 class TaskBatchNorm(nn.Module):
     """Batch norm with the statistics of the batch it is given, one task's, in training and
@@ -48,6 +50,18 @@ def autocast_inputs(*tensors):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
+def one_hot(labels, num_classes, dtype):
+    """F.one_hot(labels, num_classes).to(dtype) by comparison: F.one_hot checks the labels'
+    range by reading them back on the CPU, a wait that a training step must not have.
+
+    Args:
+        labels (Tensor): int64, any shape, values 0..num_classes-1
+    Returns:
+        Tensor of shape labels.shape + (num_classes,)
+    """
+    return (labels[..., None] == torch.arange(num_classes, device=labels.device)).to(dtype)
+
+
 def at_least_float32(x):
     """bfloat16 x (from autocast) as float32; float32 and float64 unchanged."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -63,9 +77,9 @@ def conv_batch_norm(images, weight, bias, norm_weight=None, norm_bias=None, eps=
     """F.batch_norm(F.conv2d(images, weight, bias, padding='same'), None, None, norm_weight,
     norm_bias, training=True, eps=eps), with gradients through the statistics as batch norm.
 
-    The statistics come from the patches' second moments in float64, so they are exact where
-    batch norm sums in float32; the product runs in the input's precision (bfloat16 under
-    autocast, as a convolution would).
+    The statistics come from the patches' second moments in float64 (exact_dtype), so they
+    are exact where batch norm sums in float32; the product runs in the input's precision
+    (bfloat16 under autocast, as a convolution would).
 
     Args:
         images (Tensor): shape (examples, in_channels, height, width)
@@ -95,11 +109,12 @@ def fused_affine(patches, weight, bias, norm_weight, norm_bias, eps):
         weight, bias, norm_weight, norm_bias: as conv_batch_norm
 
     Returns:
-        float64 Tensor of shape (channels, patch size + 1)
+        Tensor of shape (channels, patch size + 1), in exact_dtype
     """
-    patches = patches.double()
+    dtype = exact_dtype(patches.device)
+    patches = patches.to(dtype)
     moments = patches.T @ patches / len(patches)  # E[p p^T]; its last row is E[p]
-    affine = torch.cat([weight.flatten(1), bias[:, None]], 1).double()
+    affine = torch.cat([weight.flatten(1), bias[:, None]], 1).to(dtype)
     mean = affine @ moments[-1]
     variance = ((affine @ moments) * affine).sum(1) - mean ** 2
     scale = torch.rsqrt(variance + eps)
@@ -107,6 +122,12 @@ def fused_affine(patches, weight, bias, norm_weight, norm_bias, eps):
     if norm_weight is not None:
         scale, shift = scale * norm_weight, shift * norm_weight + norm_bias
     return torch.cat([affine[:, :-1] * scale[:, None], (affine[:, -1] * scale + shift)[:, None]], 1)
+
+
+def exact_dtype(device):
+    """float64 where the device has it; float32 on those without (DEVICES_WITHOUT_FLOAT64),
+    where the first layer's statistics then round as batch norm's own float32 sums do."""
+    return torch.float32 if device.type in DEVICES_WITHOUT_FLOAT64 else torch.float64
 
 
 def for_hidden_layers(x):

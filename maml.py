@@ -454,7 +454,8 @@ class MAML(training.MetaLearner):
                 parameters, averaged over the task batch
         """
         loss, metrics = self._evaluate(task_batch, train)
-        return loss, metrics['support_per_step'].mean(axis=0), metrics['post_adapt_query'].mean()
+        return (loss, util.to_host(metrics['support_per_step']).mean(axis=0),
+                util.to_host(metrics['post_adapt_query']).mean())
 
     def _log_extra(self, writer, step):
         if self._learn_inner_lrs:

@@ -1,7 +1,6 @@
 """Implementation of prototypical networks for Omniglot."""
 import argparse
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,7 +83,7 @@ def prototype_logits(latents_support, labels_support, latents_query, num_way):
     Elementwise products and sums only, no matrix product: float32 latents stay float32 under
     bfloat16 autocast, whose 8-bit mantissa would round squared distances of ~100 by ~0.5.
     """
-    one_hot = F.one_hot(labels_support, num_way).to(latents_support.dtype)
+    one_hot = layers.one_hot(labels_support, num_way, latents_support.dtype)
     sums = (one_hot.unsqueeze(-1) * latents_support.unsqueeze(2)).sum(1)
     prototypes = sums / one_hot.sum(1).unsqueeze(-1)
     return -(latents_query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
@@ -96,7 +95,8 @@ class ProtoNet(training.MetaLearner):
     TEST_METRIC = 'query'
 
     def __init__(self, learning_rate, log_dir, device, compile=False, backend=None, learner=None,
-                 val_interval=None, save_interval=None, bio=False, amp='none', tasks='loop'):
+                 val_interval=None, save_interval=None, bio=False, amp='none', tasks='loop',
+                 num_way=None):
         """Inits ProtoNet.
 
         Args:
@@ -111,9 +111,12 @@ class ProtoNet(training.MetaLearner):
             bio (bool): molecule data: validation also reports its 95% interval
             amp (str): 'bf16' for bfloat16 autocast (--amp), 'none' for float32
             tasks (str): 'loop', 'batched' or 'auto' (--tasks; training.batched_tasks)
+            num_way (int): classes per task; None: counted in each batch's labels, which makes
+                the host wait for the device once per batch
         """
         super().__init__(log_dir, device, val_interval, save_interval, val_ci95=bio, amp=amp,
                          tasks=tasks)
+        self._num_way = num_way
         self._network = (learner or ProtoNetNetwork()).to(device)
         self.architecture = f'protonet/{type(self._network).__name__}'
         self._forward = per_task(self._network, self._batched)
@@ -124,7 +127,7 @@ class ProtoNet(training.MetaLearner):
     def _evaluate(self, task_batch, train):
         images_support, labels_support, images_query, labels_query = (
             torch.stack(part).to(self._device) for part in zip(*task_batch))
-        num_way = len(labels_support[0].unique())
+        num_way = self._num_way or len(labels_support[0].unique())
         with torch.set_grad_enabled(train):
             latents_support = layers.at_least_float32(self._forward(images_support))
             latents_query = layers.at_least_float32(self._forward(images_query))
@@ -149,7 +152,8 @@ class ProtoNet(training.MetaLearner):
             mean query accuracy over the batch (numpy float64)
         """
         loss, metrics = self._evaluate(task_batch, train=torch.is_grad_enabled())
-        return loss, np.mean(metrics['support']), np.mean(metrics['query'])
+        support, query = (util.to_host(metrics[key]).mean() for key in ('support', 'query'))
+        return loss, support, query
 
     def _checkpoint_state(self):
         return {'network_state_dict': self._network.state_dict(),
@@ -183,7 +187,7 @@ def main(args):
                                                args.seed),
                   lambda log_dir, device: ProtoNet(args.learning_rate, log_dir, device,
                                                    args.compile, args.backend, amp=args.amp,
-                                                   tasks=args.tasks),
+                                                   tasks=args.tasks, num_way=args.num_way),
                   default_log_dir(args))
 
 

@@ -52,7 +52,7 @@ def main(args):
                   lambda log_dir, device: protonet.ProtoNet(
                       args.learning_rate, log_dir, device, args.compile, args.backend,
                       learner=FCNet(), val_interval=VAL_INTERVAL, save_interval=SAVE_INTERVAL,
-                      bio=True, amp=args.amp, tasks=args.tasks),
+                      bio=True, amp=args.amp, tasks=args.tasks, num_way=args.num_way),
                   default_log_dir(args), num_val_tasks=NUM_VAL_TASKS)
 
 

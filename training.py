@@ -7,8 +7,8 @@ A learner (ProtoNet, MAML, ...) subclasses MetaLearner and supplies only
     architecture       a string naming what the parameters are, checked when a checkpoint loads
     _evaluate(task_batch, train) -> (loss, metrics)
                        loss: mean query loss over the tasks, a 0-dim tensor (with grad if train)
-                       metrics: {key: numpy array of shape (num_tasks,)} for every METRICS
-                       (with train, TRAIN_METRICS) key but 'loss'
+                       metrics: {key: tensor of shape (num_tasks,) on the training device}
+                       for every METRICS (with train, TRAIN_METRICS) key but 'loss'
     _checkpoint_state() / _load_checkpoint_state(state)
                        the learner's own checkpoint keys (parameters and optimizer state)
 and an Adam optimizer in self._optimizer. Everything else lives here, once, including the
@@ -16,6 +16,11 @@ opt-in reduced precision (`amp`, from --amp): bfloat16 autocast around every `_e
 A script's main() checks its flags, then calls `main` below with its data set's task source
 (tasks.py) and a function that builds its learner. Launched by torchrun, every process runs
 the same loop on the same batches, each on its share of them (distributed.py).
+
+On a GPU the host never waits for the device in a training step between log steps: a step's
+loss and metrics stay on the device, and the host reads them every LOG_INTERVAL steps and
+before every checkpoint, where a non-finite loss of any step since the last read stops
+training before a checkpoint can hold it.
 """
 import datetime
 import os
@@ -65,6 +70,7 @@ class MetaLearner:
         self._batched = batched_tasks(tasks, device)
         self._start_train_step = 0
         self._loader_states = None
+        self._unread = []  # (step, _train_step's summary on the device) not yet read
 
     # ----- what subclasses implement -----
     def _evaluate(self, task_batch, train):
@@ -108,8 +114,9 @@ class MetaLearner:
             dataloader_val.load_state_dict(self._loader_states['val'])
         step = self._start_train_step
         for step, task_batch in enumerate(dataloader_train, start=self._start_train_step):
-            metrics = self._train_step(task_batch, step)
+            self._unread.append((step, self._train_step(task_batch, step)))
             if step % LOG_INTERVAL == 0:
+                metrics = self._read_training()
                 print(f'Iteration {step}: {self._format(metrics)}')
                 self._log(writer, 'train', metrics, step)
                 self._log_extra(writer, step)
@@ -118,27 +125,50 @@ class MetaLearner:
                 print(f'Validation: {self._format(metrics)}')
                 self._log(writer, 'val', metrics, step)
             if step % self._save_interval == 0 and distributed.is_main():
+                self._read_training()
                 self._save(step, {'train': dataloader_train.state_dict(),
                                   'val': dataloader_val.state_dict()})
+        self._read_training()
         writer.flush()
         return step
 
+    def _train_metric_keys(self):
+        return list(self.TRAIN_METRICS or self.METRICS)
+
     def _train_step(self, task_batch, step):
+        """One optimizer step on a batch; returns its summary, a tensor on the device holding
+        the batch's mean loss and mean metrics in _train_metric_keys order (averaged over the
+        processes under torchrun). Nothing here waits for the device."""
         self._optimizer.zero_grad()
         with self._autocast():
             loss, metrics = self._evaluate(self._share(task_batch), train=True)
         loss.backward()
-        # The batch's mean loss, non-finite on every process if on any: all stop together.
-        loss = distributed.average_gradients(
-            [p for group in self._optimizer.param_groups for p in group['params']], loss)
-        if not np.isfinite(loss):
-            raise util.UserError(
-                f'the training loss became {loss} at iteration {step}; training stopped '
-                f'and the checkpoints in {self._log_dir} are the last good ones. Resume from one '
-                'with --checkpoint_step, or lower the learning rate')
+        loss = loss.detach()
+        summary = torch.stack([loss] + [metrics[key].to(loss.dtype).mean()
+                                        for key in self._train_metric_keys()[1:]])
+        summary = distributed.average_gradients(
+            [p for group in self._optimizer.param_groups for p in group['params']], summary)
         self._optimizer.step()
-        return self._summarize(loss, merge_per_task(distributed.gather([metrics])),
-                               self.TRAIN_METRICS or self.METRICS)
+        return summary
+
+    def _read_training(self):
+        """Reads the training summaries not yet read, in one copy to the host, and returns the
+        last as {key: float}; {} if none. A non-finite loss among them (the same on every
+        process, whose losses are averaged) stops training with a UserError naming its step."""
+        if not self._unread:
+            return {}
+        steps, summaries = zip(*self._unread)
+        self._unread = []
+        values = torch.stack(summaries).cpu()
+        finite = torch.isfinite(values[:, 0])
+        if not finite.all():
+            first = int((~finite).nonzero()[0])
+            raise util.UserError(
+                f'the training loss became {float(values[first, 0])} at iteration '
+                f'{steps[first]}; training stopped and the checkpoints in {self._log_dir} are '
+                'the last good ones. Resume from one with --checkpoint_step, or lower the '
+                'learning rate')
+        return dict(zip(self._train_metric_keys(), values[-1].tolist()))
 
     def validate(self, dataloader_val):
         """Mean loss and metrics over one pass of dataloader_val (fresh tasks every call)."""
@@ -165,15 +195,21 @@ class MetaLearner:
             the batches are the same size), and {metric key: numpy array, one row per task, in
             the loader's order}
         """
-        loss_sum, per_task, first = 0.0, [], 0
+        loss_sums, per_task, first = [], [], 0
         for task_batch in dataloader:
             tasks = distributed.share(task_batch, first)
             first += len(task_batch)
             if tasks:
                 with self._autocast():
                     loss, metrics = self._evaluate(tasks, train=False)
-                loss_sum += loss.item() * len(tasks)
+                loss_sums.append(loss * len(tasks))
                 per_task.append(metrics)
+        if per_task:  # the host reads the pass once
+            loss_sum = float(torch.stack(loss_sums).sum())
+            per_task = [{key: util.to_host(torch.cat([metrics[key] for metrics in per_task]))
+                         for key in per_task[0]}]
+        else:
+            loss_sum = 0.0
         loss_sums, per_process = zip(*distributed.gather((loss_sum, per_task)))
         metrics = merge_per_task(per_process)
         return sum(loss_sums) / len(next(iter(metrics.values()))), metrics
@@ -212,7 +248,9 @@ class MetaLearner:
         if not os.path.isfile(path):
             raise util.UserError(f'no checkpoint at {path}; check --log_dir and --checkpoint_step')
         try:
-            state = torch.load(path, map_location=self._device, weights_only=True)
+            # On the CPU: the learner copies tensors into its own, and Adam's step counts stay
+            # on the host (on a GPU, foreach Adam would read each back in every step).
+            state = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as error:
             raise util.UserError(f'checkpoint {path} is corrupt or unreadable '
                                  f'({type(error).__name__}); '
@@ -324,7 +362,10 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
         default_log_dir (str): the log dir named after the flags, used without --log_dir
         num_val_tasks (int): tasks per validation; default batch_size * 4, as the course
     """
-    device = distributed.setup(util.get_device(args.device))
+    device = util.get_device(args.device)
+    util.check_amp(device, args.amp)
+    util.make_deterministic(device, args.amp)
+    device = distributed.setup(device)
     with distributed.local_main_first():
         ready = task_source.prepare()
     if args.cache:

@@ -17,6 +17,8 @@ from tqdm import tqdm
 
 
 TORCHRUN_ERROR_WAIT_SECONDS = 5  # torchrun checks its processes every 0.1 s
+CUBLAS_WORKSPACE = ':4096:8'  # what deterministic cuBLAS needs (CUDA's reproducibility notes)
+BF16_MIN_CAPABILITY = 8  # bfloat16 arithmetic from Ampere (compute capability 8.0) on
 
 
 class UserError(Exception):
@@ -44,15 +46,22 @@ def score(logits, labels):
 
 
 def accuracy_per_task(logits, labels):
-    """Accuracy of each task of a batch (each row of logits), as a numpy float64 array of shape
-    logits.shape[:-2]; the float32 mean that score takes, so the two give the same numbers.
+    """Accuracy of each task of a batch (each row of logits), a float32 tensor of shape
+    logits.shape[:-2] on logits' device: the float32 mean that score takes, so the two give
+    the same numbers. It stays on the device; `to_host` reads it when it is needed.
 
     Args:
         logits (torch.Tensor): shape (num_tasks, ..., examples, classes)
         labels (torch.Tensor): int64, shape (num_tasks, examples), or one that broadcasts
             against logits.shape[:-1]
     """
-    return (logits.argmax(-1) == labels).float().mean(-1).double().cpu().numpy()
+    return (logits.argmax(-1) == labels).float().mean(-1)
+
+
+def to_host(values):
+    """A tensor of metrics as a numpy float64 array: one copy to the host, then float64 there
+    (a device may have no float64, as Apple's MPS)."""
+    return values.detach().cpu().numpy().astype(np.float64)
 
 
 def mean_and_ci95(values):
@@ -73,6 +82,38 @@ def get_device(name):
         print('No GPU found (neither CUDA nor MPS); using the CPU.')
         return torch.device('cpu')
     raise UserError(f"unknown device '{name}'; use --device cpu or --device gpu")
+
+
+def make_deterministic(device, amp):
+    """On CUDA, the same seed gives the same weights: deterministic cuDNN and cuBLAS
+    algorithms (a convolution's backward is otherwise free to sum in any order) and, for
+    float32 training (--amp none), no TF32, so that matrix products and convolutions round as
+    float32 does on the CPU. Elsewhere nothing to do: CPU and MPS kernels repeat themselves.
+
+    Args:
+        device (torch.device): the training device
+        amp (str): --amp; with 'bf16' products run in bfloat16 anyway, and TF32 is left on
+    """
+    if device.type != 'cuda':
+        return
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_WORKSPACE)  # before cuBLAS starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    if amp == 'none':
+        torch.backends.cuda.matmul.fp32_precision = 'ieee'
+        torch.backends.cudnn.conv.fp32_precision = 'ieee'
+
+
+def check_amp(device, amp):
+    """One line for --amp bf16 on a CUDA GPU without bfloat16 (compute capability below 8.0,
+    such as the T4 and V100), where PyTorch emulates it, slower than float32, or fails."""
+    if amp != 'bf16' or device.type != 'cuda':
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < BF16_MIN_CAPABILITY:
+        raise UserError(f'{torch.cuda.get_device_name(device)} (compute capability '
+                        f'{major}.{minor}) has no bfloat16 arithmetic; use --amp none')
 
 
 def check_positive(**values):

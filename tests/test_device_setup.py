@@ -1,0 +1,124 @@
+"""What the scripts decide for a GPU, checked on the CPU: checkpoints load on the host, CUDA
+runs repeat themselves (deterministic algorithms, no TF32 in float32), bf16 is refused in one
+line on GPUs without it, and torchrun's NCCL group binds its GPU and lets the data be prepared
+first. tests/test_gpu.py runs the same on a real GPU."""
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distributed
+import maml
+import protonet
+import util
+
+
+def adam_with_state(model):
+    """model's optimizer after one step, so that it holds step counts and moments."""
+    for value in model._optimizer.param_groups[0]['params']:
+        value.grad = torch.ones_like(value)
+    model._optimizer.step()
+    return model
+
+
+@pytest.mark.parametrize('build', [
+    lambda log_dir, device: maml.MAML(5, 1, 0.4, True, 0.001, log_dir, device),
+    lambda log_dir, device: protonet.ProtoNet(0.001, log_dir, device)])
+def test_a_checkpoint_loads_on_the_host_and_adam_keeps_its_step_counts_there(build, tmp_path):
+    """On the 'meta' device (a stand-in for a GPU here): the weights and Adam's moments move to
+    the learner's device, Adam's step counts stay CPU tensors, which foreach Adam reads on the
+    host (on a GPU it would read each back from the device in every step)."""
+    adam_with_state(build(str(tmp_path), 'cpu'))._save(0)
+    learner = build(str(tmp_path), torch.device('meta'))
+    learner.load(0)
+    states = learner._optimizer.state_dict()['state'].values()
+    assert states and all(state['step'].device.type == 'cpu' for state in states)
+    assert all(state['exp_avg'].device.type == 'meta' for state in states)
+
+
+@pytest.fixture
+def restored_backends():
+    """Puts back the global flags that make_deterministic sets."""
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+     torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) = saved[2:]
+
+
+@pytest.mark.parametrize('amp, precision', [('none', 'ieee'), ('bf16', 'tf32')])
+def test_cuda_runs_are_deterministic_and_float32_has_no_tf32(amp, precision, restored_backends,
+                                                            monkeypatch):
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
+    torch.backends.cudnn.conv.fp32_precision = 'tf32'
+    torch.backends.cuda.matmul.fp32_precision = 'tf32'
+    util.make_deterministic(torch.device('cuda'), amp)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.conv.fp32_precision == precision
+    assert torch.backends.cuda.matmul.fp32_precision == precision
+    assert util.os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
+
+
+def test_the_cpu_is_left_as_it_is(restored_backends):
+    util.make_deterministic(torch.device('cpu'), 'none')
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize('capability, refused', [((7, 5), True), ((8, 0), False)])
+def test_bf16_on_a_gpu_without_it_is_one_line(capability, refused, monkeypatch, capsys,
+                                              tmp_path):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Tesla T4')
+    monkeypatch.setattr(util, 'make_deterministic', lambda *args: None)
+    if not refused:
+        util.check_amp(torch.device('cuda'), 'bf16')
+        return
+    args = protonet.parse_args(['--device', 'gpu', '--amp', 'bf16', '--log_dir', str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        util.cli(lambda: protonet.main(args))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ('error: Tesla T4 (compute capability 7.5) has no '
+                                       'bfloat16 arithmetic; use --amp none\n')
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def torchrun_on_gpus(monkeypatch):
+    """This process as torchrun's second process on a machine of two GPUs; the process group
+    calls recorded, not made."""
+    for name, value in (('RANK', '1'), ('WORLD_SIZE', '2'), ('LOCAL_RANK', '1')):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: None)
+    calls = []
+    monkeypatch.setattr(dist, 'init_process_group', lambda *args, **kwargs: calls.append(
+        ('init', args, kwargs)))
+    monkeypatch.setattr(dist, 'new_group', lambda **kwargs: calls.append(('group', kwargs))
+                        or 'data group')
+    monkeypatch.setattr(dist, 'barrier', lambda group=None: calls.append(('barrier', group)))
+    monkeypatch.setattr(distributed.atexit, 'register', lambda function: None)
+    return calls
+
+
+def test_nccl_binds_this_process_gpu(torchrun_on_gpus):
+    assert distributed.setup(torch.device('cuda')) == torch.device('cuda', 1)
+    assert torchrun_on_gpus == [('init', ('nccl',), {'device_id': torch.device('cuda', 1)})]
+
+
+@pytest.mark.parametrize('local_rank, order', [('0', ['group', 'prepare', 'barrier']),
+                                               ('1', ['group', 'barrier', 'prepare'])])
+def test_the_data_is_prepared_first_on_a_cpu_group_that_waits_an_hour(
+        local_rank, order, torchrun_on_gpus, monkeypatch):
+    monkeypatch.setenv('LOCAL_RANK', local_rank)
+    with distributed.local_main_first():
+        torchrun_on_gpus.append(('prepare',))
+    assert [call[0] for call in torchrun_on_gpus] == order
+    assert torchrun_on_gpus[0][1] == {'backend': 'gloo', 'timeout': distributed.DATA_TIMEOUT}
+    assert distributed.DATA_TIMEOUT >= datetime.timedelta(hours=1)
+    assert ('barrier', 'data group') in torchrun_on_gpus
