@@ -9,11 +9,11 @@ the meta-train characters (one 1100-way task, omniglot.ClassifierImages); valida
 """
 import argparse
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import distributed
+import layers
 import maml
 import omniglot
 import training
@@ -22,40 +22,53 @@ import util
 NUM_CLASSES = omniglot.NUM_TRAIN_CLASSES
 
 
-def transfer_learn(parameters, task, num_steps, learning_rate):
-    """Fits a new linear classifier on the frozen convolutional layers to one task's support
-    set with num_steps steps of gradient descent from zero, and scores its query set.
+def transfer_learn(parameters, task_batch, num_steps, learning_rate):
+    """Fits a new linear classifier on the frozen convolutional layers to each task's support
+    set with num_steps steps of gradient descent from zero, and scores its query set; all the
+    batch's tasks at once.
+
+    A step's gradient of the mean cross-entropy is written out (softmax minus one-hot, over
+    the number of examples), so that one step is two batched matrix products for every task
+    together, where a task at a time with autograd launched about a dozen small kernels per
+    step and task (reference.transfer_learn; benchmarks/README.md measures both).
 
     Args:
         parameters (dict[str, Tensor]): pre-trained weights, keys as maml.init_parameters;
             only the convolutional ones are used, and they receive no gradient
-        task (tuple): (images_support (N*K, 1, 28, 28), labels_support (N*K,),
-            images_query (N*Q, 1, 28, 28), labels_query (N*Q,)), labels 0..N-1
+        task_batch (list of tuple): each (images_support (N*K, 1, 28, 28), labels_support
+            (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,)), labels 0..N-1
         num_steps (int): gradient steps on the support loss
         learning_rate (float): their step size
 
     Returns:
-        query loss (0-dim Tensor), support accuracy and query accuracy after adaptation (floats)
+        query losses, support accuracies and query accuracies after adaptation, each a tensor
+        of shape (num_tasks,)
     """
-    images_support, labels_support, images_query, labels_query = task
-    with torch.no_grad():  # frozen: features once, each pass with its own batch statistics
-        features_support = maml.embed(parameters, images_support)
-        features_query = maml.embed(parameters, images_query)
-    num_way = int(labels_support.max()) + 1
-    weight = features_support.new_zeros(num_way, features_support.shape[1], requires_grad=True)
-    bias = features_support.new_zeros(num_way, requires_grad=True)
-    with torch.enable_grad():
-        for _ in range(num_steps):
-            loss = F.cross_entropy(F.linear(features_support, weight, bias), labels_support)
-            gradients = torch.autograd.grad(loss, [weight, bias])
-            with torch.no_grad():
-                weight -= learning_rate * gradients[0]
-                bias -= learning_rate * gradients[1]
+    images_support, labels_support, images_query, labels_query = (
+        torch.stack(part) for part in zip(*task_batch))
+    embed = torch.func.vmap(maml.embed, in_dims=(None, 0))  # each task's own batch statistics
     with torch.no_grad():
-        logits_query = F.linear(features_query, weight, bias)
-        return (F.cross_entropy(logits_query, labels_query),
-                util.score(F.linear(features_support, weight, bias), labels_support),
-                util.score(logits_query, labels_query))
+        parameters = {key: value.detach() for key, value in parameters.items()}
+        inputs_support = with_ones(layers.at_least_float32(embed(parameters, images_support)))
+        inputs_query = with_ones(layers.at_least_float32(embed(parameters, images_query)))
+        num_way = int(labels_support.max()) + 1
+        targets = layers.one_hot(labels_support, num_way, inputs_support.dtype)
+        # [weight | bias] of each task's classifier, shape (num_tasks, num_way, features + 1)
+        head = inputs_support.new_zeros(len(task_batch), num_way, inputs_support.shape[-1])
+        step_size = learning_rate / targets.shape[1]  # the loss is a mean over the examples
+        for _ in range(num_steps):
+            probabilities = (inputs_support @ head.mT).softmax(-1)
+            head = head - step_size * (probabilities - targets).mT @ inputs_support
+        logits_query = inputs_query @ head.mT
+        losses = F.cross_entropy(logits_query.flatten(0, 1), labels_query.flatten(),
+                                 reduction='none').view(labels_query.shape).mean(1)
+        return (losses, util.accuracy_per_task(inputs_support @ head.mT, labels_support),
+                util.accuracy_per_task(logits_query, labels_query))
+
+
+def with_ones(features):
+    """features (num_tasks, examples, features) with a last column of ones (for the bias)."""
+    return torch.cat([features, torch.ones_like(features[..., :1])], -1)
 
 
 class TransferLearner(training.MetaLearner):
@@ -101,12 +114,11 @@ class TransferLearner(training.MetaLearner):
             images, labels = images.to(self._device), labels.to(self._device)
             logits = maml.forward(self._parameters, images)
             return (F.cross_entropy(logits, labels),
-                    {'accuracy': np.array([util.score(logits, labels)])})
-        results = [transfer_learn(self._parameters, [part.to(self._device) for part in task],
-                                  self._adapt_steps, self._adapt_lr) for task in task_batch]
-        losses, support, query = zip(*results)
-        return torch.stack(losses).mean(), {'post_adapt_support': np.array(support),
-                                            'post_adapt_query': np.array(query)}
+                    {'accuracy': util.accuracy_per_task(logits[None], labels[None])})
+        task_batch = [[part.to(self._device) for part in task] for task in task_batch]
+        losses, support, query = transfer_learn(self._parameters, task_batch, self._adapt_steps,
+                                                self._adapt_lr)
+        return losses.mean(), {'post_adapt_support': support, 'post_adapt_query': query}
 
     def _checkpoint_state(self):
         return {'parameters': {key: value.detach() for key, value in self._parameters.items()},

@@ -163,6 +163,77 @@ def maml_outer_step(parameters, inner_lrs, task_batch, num_steps, create_graph=T
             sum(accuracies_query) / len(task_batch))
 
 
+# ----- transfer learning -----
+def transfer_learn(parameters, task, num_steps, learning_rate):
+    """The second handout's transfer baseline on one task: maml_forward's features (frozen),
+    a new zero-initialised linear classifier fitted by num_steps steps of plain gradient descent
+    on the support loss (autograd), then the query set.
+
+    Args:
+        parameters (dict[str, Tensor]): pre-trained weights, keys MAML_KEYS (w4, b4 unused)
+        task (tuple): as for protonet_step
+        num_steps (int): gradient steps
+        learning_rate (float): their step size
+
+    Returns:
+        query loss (0-dim Tensor), support accuracy and query accuracy (floats)
+    """
+    images_support, labels_support, images_query, labels_query = task
+    width = parameters['conv0'].shape[0]
+    features = dict(parameters, w4=torch.eye(width).to(parameters['conv0']),
+                    b4=torch.zeros(width).to(parameters['conv0']))
+    with torch.no_grad():
+        features_support = maml_forward(features, images_support)
+        features_query = maml_forward(features, images_query)
+    num_way = len(labels_support.unique())
+    weight = features_support.new_zeros(num_way, width, requires_grad=True)
+    bias = features_support.new_zeros(num_way, requires_grad=True)
+    with torch.enable_grad():
+        for _ in range(num_steps):
+            loss = F.cross_entropy(features_support @ weight.t() + bias, labels_support)
+            loss.backward()
+            with torch.no_grad():
+                weight -= learning_rate * weight.grad
+                bias -= learning_rate * bias.grad
+            weight.grad = bias.grad = None
+    with torch.no_grad():
+        logits_query = features_query @ weight.t() + bias
+        return (F.cross_entropy(logits_query, labels_query),
+                accuracy(features_support @ weight.t() + bias, labels_support),
+                accuracy(logits_query, labels_query))
+
+
+# ----- metabolism tasks -----
+def metabolism_tasks(features, class_rows, set_idxs, num_support, num_query, generator):
+    """Binary tasks drawn one task and one class at a time: for each class of the task's data
+    set, a random permutation of its molecules (generator, on the CPU) moved to the data's
+    device, the first num_support for the support set and the next num_query for the query.
+
+    Args:
+        features (list of Tensor): each data set's features, shape (n_i, 1024)
+        class_rows (list of list of Tensor): class_rows[i][c], the rows of data set i whose
+            label is c, int64 on the features' device
+        set_idxs (Tensor): int64 data set of each task, shape (num_tasks,)
+        num_support, num_query (int): molecules per class
+        generator (torch.Generator): a CPU generator
+
+    Returns:
+        list of task tuples as metabolism.MetabolismDataset.tasks returns them
+    """
+    tasks = []
+    for set_idx in set_idxs.tolist():
+        support, query = [], []
+        for rows in class_rows[set_idx]:
+            order = torch.randperm(len(rows), generator=generator)[:num_support + num_query]
+            rows = rows[order.to(rows.device)]
+            support.append(features[set_idx][rows[:num_support]])
+            query.append(features[set_idx][rows[num_support:]])
+        classes = torch.arange(len(support), device=features[set_idx].device)
+        tasks.append((torch.cat(support), classes.repeat_interleave(num_support),
+                      torch.cat(query), classes.repeat_interleave(num_query)))
+    return tasks
+
+
 def maml_in_float64(model):
     """A maml.MAML with every tensor its optimizer holds (meta-parameters, inner learning rates,
     any MAML++ parameters) cast to float64 in place: they stay the same objects."""

@@ -15,6 +15,7 @@ from rdkit import Chem
 from rdkit.Chem import rdFingerprintGenerator
 
 import metabolism
+import reference
 from conftest import RAW
 from util import UserError
 
@@ -370,6 +371,23 @@ def test_tasks_on_real_data(built):
         task = {(bits.tobytes(), y) for bits, y in zip(np.packbits(features.astype(bool), axis=1),
                                                        labels)}
         assert any(task <= held for held in pairs.values())  # one data set, true labels
+
+
+def test_a_batch_is_drawn_as_one_task_and_one_class_at_a_time(built):
+    """The batched sampler (rows drawn for the whole batch, one copy, one index_select) gives
+    the tasks of a plain per-task, per-class draw from the same generator state."""
+    data = built[1]
+    features = [torch.from_numpy(data[name]['feature']) for name in metabolism.TRAIN_SETS]
+    labels = [torch.from_numpy(data[name]['label']) for name in metabolism.TRAIN_SETS]
+    ours, theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    dataset = metabolism.MetabolismDataset(features, labels, 3, 4, ours)
+    set_idxs = torch.tensor([4, 0, 4, 2, 3, 1])
+    class_rows = [[torch.nonzero(y == c).squeeze(1) for c in (0, 1)] for y in labels]
+    for _ in range(2):  # the generators stay in step across batches
+        expected = reference.metabolism_tasks(features, class_rows, set_idxs, 3, 4, theirs)
+        for task, plain in zip(dataset.tasks(set_idxs), expected, strict=True):
+            for a, b in zip(task, plain, strict=True):
+                assert torch.equal(a, b)
 
 
 def test_task_is_one_data_set_class_major_distinct_molecules():
