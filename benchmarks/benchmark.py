@@ -30,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import maml  # noqa: E402  (needs the path above)
+import maml_transfer  # noqa: E402
+import metabolism  # noqa: E402
 import omniglot  # noqa: E402
 import protonet  # noqa: E402
 import reference  # noqa: E402
@@ -55,6 +57,11 @@ class Sizes:
 
 FULL = Sizes(batch_size=16, warmup=2, repeats=7, eval_passes=3, test_tasks=100,
              sampling_batches=30)
+TRANSFER_ADAPT_STEPS = 100  # maml_transfer.py's default
+# Metabolism tasks as run_bio.sh draws them: batches of 4 tasks, 2-way 5-shot 10-query, from
+# data sets of the TDC training sets' sizes (CYP1A2, 3A4, 2D6 Veith; 2C9, 2D6 substrates).
+METABOLISM_BATCH, METABOLISM_SHOTS = 4, (5, 10)
+METABOLISM_SIZES = (12579, 12328, 13130, 669, 667)
 QUICK = Sizes(batch_size=2, warmup=1, repeats=1, eval_passes=1, test_tasks=2, sampling_batches=2)
 
 
@@ -164,6 +171,52 @@ class Bench:
             loss.item()
         return self.measure_training(step)
 
+    # the transfer baseline's adaptation, 5-way 5-shot: a new linear layer fitted per task
+    def transfer(self, amp='none'):
+        return maml_transfer.TransferLearner(LEARNING_RATE, TRANSFER_ADAPT_STEPS, 2.0,
+                                             self.log_dir, self.device, amp=amp)
+
+    def reference_transfer_validate(self):
+        """reference.transfer_learn, a task at a time, on the tasks ours_validate draws."""
+        parameters = {key: value.to(self.device)
+                      for key, value in maml.init_parameters(maml_transfer.NUM_CLASSES).items()}
+        num_tasks = self.sizes.batch_size * 4
+        loader = self.ours_loader('val', self.sizes.batch_size, 5, 5, num_tasks)
+
+        def one_pass():
+            return [reference.transfer_learn(parameters, task, TRANSFER_ADAPT_STEPS, 2.0)[0]
+                    .item() for task_batch in loader for task in task_batch]
+        return self.measure_evaluation(one_pass, num_tasks)
+
+    # metabolism task sampling, run_bio.sh's tasks
+    def metabolism_data(self):
+        """Random fingerprints and labels of the sizes METABOLISM_SIZES, on the device."""
+        generator = torch.Generator().manual_seed(0)
+        features = [torch.randint(2, (n, metabolism.NUM_BITS), generator=generator)
+                    .float().to(self.device) for n in METABOLISM_SIZES]
+        labels = [torch.randint(2, (n,), generator=generator) for n in METABOLISM_SIZES]
+        return features, labels
+
+    def metabolism_sampling(self, sample):
+        """sample(set_idxs) -> tasks, timed over sampling_batches batches; tasks/s."""
+        sets = torch.randint(len(METABOLISM_SIZES), (self.sizes.sampling_batches,
+                                                     METABOLISM_BATCH))
+        result = measure(lambda: [sample(set_idxs) for set_idxs in sets], 1, 1, self.device)
+        return Result(sets.numel() / result.value, result.memory)
+
+    def ours_metabolism_sampling(self):
+        dataset = metabolism.MetabolismDataset(*self.metabolism_data(), *METABOLISM_SHOTS,
+                                               torch.Generator().manual_seed(0))
+        return self.metabolism_sampling(dataset.tasks)
+
+    def reference_metabolism_sampling(self):
+        features, labels = self.metabolism_data()
+        class_rows = [[torch.nonzero(y == c).squeeze(1).to(self.device) for c in (0, 1)]
+                      for y in labels]
+        generator = torch.Generator().manual_seed(0)
+        return self.metabolism_sampling(lambda set_idxs: reference.metabolism_tasks(
+            features, class_rows, set_idxs, *METABOLISM_SHOTS, generator))
+
     # task sampling, 5-way 5-shot 15-query
     def ours_sampling(self):
         num_batches = self.sizes.sampling_batches
@@ -227,7 +280,12 @@ def measure_rows(bench):
         rows[f'{name}: --test, s/task'] = (  # one task at a time: nothing to batch
             bench.course_test(course_eval, 5, num_support),
             *(bench.ours_test(learner(amp, 'loop'), 5, num_support) for amp in AMPS))
+    rows['Transfer 5w5s: validation, s/task'] = (
+        bench.reference_transfer_validate(),
+        *(bench.ours_validate(bench.transfer(amp), 5, 5) for amp in AMPS))
     rows['Task sampling 5w5s: tasks/s'] = (bench.course_sampling(), bench.ours_sampling(), None)
+    rows['Metabolism sampling 2w5s10q: tasks/s'] = (bench.reference_metabolism_sampling(),
+                                                    bench.ours_metabolism_sampling(), None)
     return rows
 
 
@@ -277,6 +335,7 @@ def machine(device):
 
 def main(args):
     device = util.get_device(args.device)
+    util.make_deterministic(device, 'none')  # as the scripts train: the numerics without TF32
     sizes = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory() as work:
         folder = os.path.join(work, 'omniglot_resized')

@@ -16,6 +16,8 @@ import torch
 def synchronize(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+    elif device.type == 'mps':
+        torch.mps.synchronize()
 
 
 def reset_peak_memory(device):

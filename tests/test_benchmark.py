@@ -19,7 +19,8 @@ BATCHED_ROWS = ['ProtoNet 5w5s: training, s/iter', 'MAML 5w1s 1 step: training, 
                 'MAML 5w1s 1 step first-order: training, s/iter',
                 'ProtoNet 5w5s: validation, s/task', 'MAML 5w1s 1 step: validation, s/task']
 ROWS = [*BATCHED_ROWS, *(row.replace(':', ' --tasks batched:') for row in BATCHED_ROWS),
-        'ProtoNet 5w5s: --test, s/task', 'MAML 5w1s 1 step: --test, s/task']
+        'ProtoNet 5w5s: --test, s/task', 'MAML 5w1s 1 step: --test, s/task',
+        'Transfer 5w5s: validation, s/task']
 NUMBER = r'[\d.e+-]+'
 
 
@@ -35,13 +36,14 @@ def test_quick_benchmark_checks_accuracy_and_prints_every_row():
     for row in ROWS:
         cells = rf'{NUMBER} \| {NUMBER} \| {NUMBER}x \| {NUMBER} \| {NUMBER}x'
         assert re.search(rf'^\| {re.escape(row)} \| {cells} \|$', result.stdout, re.M), row
-    assert re.search(rf'^\| Task sampling 5w5s: tasks/s \| {NUMBER} \| {NUMBER} \| {NUMBER}x \|',
-                     result.stdout, re.M)
+    for row in 'Task sampling 5w5s', 'Metabolism sampling 2w5s10q':
+        assert re.search(rf'^\| {row}: tasks/s \| {NUMBER} \| {NUMBER} \| {NUMBER}x \|',
+                         result.stdout, re.M), row
     for row in BATCHED_ROWS:  # loop, batched and the speed-up, in fp32 and bf16
         cells = rf'{NUMBER} \| {NUMBER} \| {NUMBER}x \| {NUMBER} \| {NUMBER} \| {NUMBER}x'
         assert re.search(rf'^\| {re.escape(row)} \| {cells} \|$', result.stdout, re.M), row
     memory_rows = re.findall(r'^\| [^|]+ \| \d+ \| \d+ \| \d* \|$', result.stdout, re.M)
-    assert len(memory_rows) == len(ROWS) + 1
+    assert len(memory_rows) == len(ROWS) + 2
 
 
 def test_relative_error_catches_a_wrong_gradient_and_tolerates_rounding_noise():
