@@ -192,8 +192,7 @@ class MetaLearner:
     @staticmethod
     def _log(writer, split, summary, step):
         for key, value in summary.items():
-            tag = f'loss/{split}' if key == 'loss' else f'{split}_accuracy/{key}'
-            writer.add_scalar(tag, value, step)
+            writer.add_scalar(scalar_tag(split, key), value, step)
 
     # ----- checkpoints -----
     def _checkpoint_path(self, checkpoint_step):
@@ -226,6 +225,12 @@ class MetaLearner:
         self._start_train_step = checkpoint_step + 1
         self._loader_states = state.get('loader_states')
         print(f'Loaded checkpoint iteration {checkpoint_step}.')
+
+
+def scalar_tag(split, key):
+    """The TensorBoard tag of one logged metric: 'loss/{split}', else '{split}_accuracy/{key}'
+    (split 'train' or 'val'; key a METRICS key, or 'ci95')."""
+    return f'loss/{split}' if key == 'loss' else f'{split}_accuracy/{key}'
 
 
 def merge_per_task(per_process):
@@ -353,7 +358,7 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
     if not distributed.is_main():  # rank 0 alone logs
         return learner.train(dataloader_train, dataloader_val, distributed.NullWriter())
     with SummaryWriter(log_dir=log_dir) as writer:
-        log_hparams(writer, args, f'val_accuracy/{learner.TEST_METRIC}')
+        log_hparams(writer, args, scalar_tag('val', learner.TEST_METRIC))
         return learner.train(dataloader_train, dataloader_val, writer)
 
 
