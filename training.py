@@ -348,12 +348,12 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
         if distributed.is_main():
             write_test_result(args, log_dir, *result)
         return result
-    if distributed.is_main():
-        util.atomic_write_json(run_record(args), os.path.join(log_dir, FLAGS_FILE))
     num_training_tasks = args.batch_size * (args.num_train_iterations - args.checkpoint_step - 1)
     dataloader_train = task_source.loader('train', args.batch_size, num_training_tasks, device)
     dataloader_val = task_source.loader('val', args.batch_size,
                                         num_val_tasks or args.batch_size * 4, device)
+    if distributed.is_main():  # the loaders have checked the task shape: the run is on
+        util.atomic_write_json(run_record(args), os.path.join(log_dir, FLAGS_FILE))
     from torch.utils.tensorboard import SummaryWriter  # slow import; training only
     if not distributed.is_main():  # rank 0 alone logs
         return learner.train(dataloader_train, dataloader_val, distributed.NullWriter())
