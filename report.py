@@ -183,12 +183,20 @@ def draw_inner_lrs(name):
 
 
 def draw_k_sweep(ax, runs):
-    for offset, (name, label) in zip((-0.1, 0.1), SWEEP_MODELS.items()):
+    """Ours (filled, shifted by 0.1 to either side), then Table 2 of the 2023 report beside
+    each (open, shifted by 0.25), every point with its 95% interval."""
+    for model, (offset, (name, label)) in enumerate(zip((-0.1, 0.1), SWEEP_MODELS.items())):
         results = [runs.test(name, shot, 10) for shot in experiments.K_SWEEP]
         shots = [shot + offset for shot, result in zip(experiments.K_SWEEP, results) if result]
         results = [result for result in results if result]
         ax.errorbar(shots, [r['mean'] for r in results], yerr=[r['ci95'] for r in results],
-                    marker='o', capsize=3, label=label + runs.shortened(name))
+                    marker='o', capsize=3, color=f'C{model}', label=label + runs.shortened(name))
+    for model, (offset, label) in enumerate(zip((-0.25, 0.25), SWEEP_MODELS.values())):
+        reported = [REPORTED['k_sweep_2023'][shot][model] for shot in experiments.K_SWEEP]
+        ax.errorbar(np.array(experiments.K_SWEEP) + offset, [mean for mean, _ in reported],
+                    yerr=[ci95 for _, ci95 in reported], marker='o', markerfacecolor='none',
+                    linestyle='--', capsize=3, color=f'C{model}',
+                    label=f"{label.split(' (')[0]}: the 2023 report's Table 2")
     ax.set_xlabel('support examples per class at test time (K), Q = 10')
     ax.set_xticks(experiments.K_SWEEP)
     ax.set_ylabel('test accuracy (95% interval)')
@@ -199,12 +207,26 @@ def draw_metabolism(ax, runs):
     _, ci95 = runs.curve('metabolism', VAL_CI95)
     ax.errorbar(steps, accuracies, yerr=ci95, marker='o', capsize=3,
                 label='validation query accuracy, 95% interval' + runs.shortened('metabolism'))
+    for (year, (mean, ci95)), color in zip(REPORTED['metabolism_val'].items(), ('C1', 'C2')):
+        ax.axhline(mean, color=color, linestyle='--',
+                   label=f"the {year} report's final validation, {interval(mean, ci95)}")
     ax.set_ylabel('validation query accuracy')
+
+
+def draw_fomaml_bar(ax):
+    ax.axhline(FOMAML_BAR, color='grey', linestyle='--',
+               label=f"the handout's bar for first-order MAML ({FOMAML_BAR:.2f})")
 
 
 def draw_fomaml(ax, runs):
     draw_curves({'fomaml_5shot': 'first-order MAML, 5 inner steps'})(ax, runs)
-    ax.axhline(FOMAML_BAR, color='grey', linestyle='--', label="the handout's bar (0.80)")
+    draw_fomaml_bar(ax)
+
+
+def draw_second_handout(ax, runs):
+    draw_curves({'fomaml_5shot': 'first-order MAML', 'mamlpp_5shot': 'MAML++',
+                 'transfer_5shot': 'transfer learning'})(ax, runs)
+    draw_fomaml_bar(ax)
 
 
 def draw_stability(ax, runs):
@@ -257,21 +279,22 @@ FIGURES = (
            ('maml_learned_inner_lrs',), draw_inner_lrs('maml_learned_inner_lrs')),
     Figure(P3, 'k_sweep', 'More support data at test time (K sweep)',
            'Test accuracy of the two 1-shot-trained models on 5-way K-shot tasks with 10 queries '
-           'per class, error bars the 95% interval over the test tasks (the two sets of points '
-           'are shifted apart by 0.1 to be told apart).', tuple(SWEEP_MODELS), draw_k_sweep),
+           'per class, error bars the 95% interval over the test tasks, beside Table 2 of the '
+           '2023 report (open markers, dashed; the sets of points are shifted apart to be told '
+           'apart).', tuple(SWEEP_MODELS), draw_k_sweep),
     Figure(P4, 'metabolism', 'ProtoNet on TDC Metabolism',
            "Validation query accuracy, 2-way 5-shot tasks of the validation data sets, error bars "
-           "the 95% interval over about 2,400 tasks (the assignment's validation).",
+           "the 95% interval over about 2,400 tasks (the assignment's validation), against the "
+           "final validation accuracy of the two reports (dashed).",
            ('metabolism',), draw_metabolism),
     Figure(H2, 'fomaml', 'First-order MAML, 5-way 5-shot, 5 inner steps (second handout)',
            'Validation post-adaptation query accuracy, against the bar the handout sets.',
            ('fomaml_5shot',), draw_fomaml),
     Figure(H2, 'second_handout', 'First-order MAML, MAML++ and the transfer-learning baseline',
            'Validation post-adaptation query accuracy on 5-way 5-shot tasks; for the transfer '
-           'baseline, a new linear layer fitted to each task on the pre-trained, frozen features.',
-           ('fomaml_5shot', 'mamlpp_5shot', 'transfer_5shot'),
-           draw_curves({'fomaml_5shot': 'first-order MAML', 'mamlpp_5shot': 'MAML++',
-                        'transfer_5shot': 'transfer learning'})),
+           'baseline, a new linear layer fitted to each task on the pre-trained, frozen features; '
+           "dashed, the handout's bar for first-order MAML.",
+           ('fomaml_5shot', 'mamlpp_5shot', 'transfer_5shot'), draw_second_handout),
     Figure(H2, 'stability', 'Training stability: MAML vs MAML++ (second handout, extra credit)',
            'Validation post-adaptation query accuracy, 5-way 1-shot, 5 inner steps at inner '
            'learning rate 0.4, three seeds per method.', experiments.STABILITY_RUNS,
@@ -344,9 +367,9 @@ def k_sweep_rows(runs):
 def metabolism_rows(runs):
     steps, accuracies = runs.curve('metabolism')
     _, ci95 = runs.curve('metabolism', VAL_CI95)
+    last = f'{interval(accuracies[-1], ci95[-1])} (iteration {steps[-1]})' if steps else '—'
     return (['', 'validation query accuracy', 'test accuracy'],
-            [['ours', f'{interval(accuracies[-1], ci95[-1])} (iteration {steps[-1]})',
-              test_cell(runs, 'metabolism', 5, 10)],
+            [['ours', last, test_cell(runs, 'metabolism', 5, 10)],
              *([f'{year} report', reported_cell(value), '—']
                for year, value in REPORTED['metabolism_val'].items())])
 

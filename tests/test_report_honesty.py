@@ -1,8 +1,11 @@
-"""report.py and experiments.py agree on how far a run got: its latest checkpoint. A run stopped
-early is reported with the iterations it reached, and a run that only started is left out."""
+"""report.py is honest about runs and shows the course's numbers: report.py and experiments.py
+agree on how far a run got (its latest checkpoint), a run stopped early is reported with the
+iterations it reached, a run that only started is left out, and the figures draw the reports'
+numbers beside ours."""
 import re
 import sys
 
+import numpy as np
 import pytest
 
 import experiments
@@ -70,3 +73,31 @@ def test_a_run_without_a_checkpoint_is_left_out(stopped):
     assert 'maml_metrics' not in figures and '| maml_inner_lr_0.4 |' not in markdown
     left_out = markdown[markdown.index('Not in the report yet'):]
     assert 'MAML, inner learning rate 0.4: the six accuracy metrics' in left_out
+
+
+def test_the_figures_carry_the_reports_numbers(tmp_path, monkeypatch):
+    log_root = tmp_path / 'logs'
+    for name in ('protonet_1shot', 'maml_learned_inner_lrs', 'metabolism', 'fomaml_5shot',
+                 'mamlpp_5shot', 'transfer_5shot'):
+        run = experiments.BY_NAME[name]
+        make_run(log_root, name, run.iterations, [run.last_checkpoint(run.iterations)],
+                 monkeypatch)
+    figures = report.write_report(log_root, tmp_path / 'report')
+    sweep = figures['k_sweep'].axes[0].containers[2:]  # after ours: the 2023 report's Table 2
+    assert len(sweep) == 2
+    for model, (container, offset) in enumerate(zip(sweep, (-0.25, 0.25))):
+        reported = np.array([report.REPORTED['k_sweep_2023'][shot][model]
+                             for shot in experiments.K_SWEEP])
+        np.testing.assert_allclose(container.lines[0].get_xydata(),
+                                   np.stack([np.array(experiments.K_SWEEP) + offset,
+                                             reported[:, 0]], 1))
+        bars = np.array(container.lines[2][0].get_segments())  # (K, 2 ends, (x, y))
+        np.testing.assert_allclose(bars[:, 1, 1] - bars[:, 0, 1], 2 * reported[:, 1])
+    levels = {slug: {line.get_ydata()[0]: line.get_label() for line in figures[slug].axes[0].lines
+                     if len(set(line.get_ydata())) == 1}
+              for slug in ('metabolism', 'fomaml', 'second_handout')}
+    assert levels['metabolism'] == {
+        0.76: "the 2022 report's final validation, 0.760 ± 0.004",
+        0.72: "the 2023 report's final validation, 0.720 ± 0.004"}
+    for slug in ('fomaml', 'second_handout'):
+        assert levels[slug] == {0.8: "the handout's bar for first-order MAML (0.80)"}
