@@ -74,3 +74,13 @@ def test_the_command_line_refuses_in_an_empty_folder(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == ['error: --num_way must be at least 1, got 0']
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_old_python_is_one_line(capsys):
+    util.check_python((3, 11, 7))
+    with pytest.raises(SystemExit) as exit:
+        util.check_python((3, 9, 18))
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        'error: Python 3.9 is too old; this project and its pinned requirements need Python '
+        '3.11 or newer']
