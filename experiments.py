@@ -55,10 +55,45 @@ class Run:
         """The step of the last checkpoint a run of that many iterations saves."""
         return (iterations - 1) // self.save_interval * self.save_interval
 
+    def reached(self, log_dir, iterations):
+        """How far a run asked for that many iterations got in log_dir, in iterations: all of
+        them once it saved its last checkpoint (it is finished), else its latest checkpoint's
+        step + 1 (what a resume keeps), 0 before its first checkpoint. experiments.py resumes
+        and report.py reports by this one measure."""
+        latest = latest_checkpoint(log_dir)
+        return iterations if latest >= self.last_checkpoint(iterations) else latest + 1
+
+
+def latest_checkpoint(log_dir):
+    """The step of the newest state{step}.pt in log_dir, or -1."""
+    return max((int(path.stem.removeprefix('state')) for path in Path(log_dir).glob('state*.pt')),
+               default=-1)
+
+
+def stability_name(method, seed):
+    """The log dir name of one run of the stability comparison."""
+    return f'stability_{method}_seed_{seed}'
+
 
 def stability_run(method, seed):
-    return Run(f'stability_{method}_seed_{seed}', 'maml.py',
+    return Run(stability_name(method, seed), 'maml.py',
                STABILITY_SETTING + STABILITY_METHODS[method] + ('--seed', str(seed)), 15000)
+
+
+def run_bio_command():
+    """(flags, iterations) of the assignment's metabolism command, read from run_bio.sh, their one
+    spelling: its run_metabolism.py flags but the placement ones (--datadir, --device), and its
+    --num_train_iterations."""
+    script = (ROOT / 'run_bio.sh').read_text().replace('\\\n', ' ')
+    line = next(line for line in script.splitlines() if line.startswith('exec '))
+    tokens = shlex.split(line)
+    tokens = tokens[next(i for i, token in enumerate(tokens)
+                         if token.endswith('run_metabolism.py')) + 1:]
+    flags = dict(zip(tokens[::2], tokens[1::2]))
+    iterations = int(flags.pop('--num_train_iterations'))
+    kept = [(flag, value) for flag, value in flags.items()
+            if flag.removeprefix('--') not in PLACEMENT_FLAGS]
+    return tuple(token for pair in kept for token in pair), iterations
 
 
 RUNS = (
@@ -71,10 +106,8 @@ RUNS = (
     Run('maml_inner_lr_0.04_5_steps', 'maml.py', ('--inner_lr', '0.04', '--num_inner_steps', '5'),
         15000, ONE_SHOT_TEST),
     Run('maml_learned_inner_lrs', 'maml.py', ('--learn_inner_lrs',), 15000, SWEEP_TESTS),
-    # Part 4: ProtoNet on TDC Metabolism, as run_bio.sh
-    Run('metabolism', 'run_metabolism.py',
-        ('--num_way', '2', '--num_support', '5', '--num_query', '10', '--batch_size', '4',
-         '--learning_rate', '0.0005'), 8000, ((5, 10),), save_interval=2000),
+    # Part 4: ProtoNet on TDC Metabolism, run_bio.sh's command
+    Run('metabolism', 'run_metabolism.py', *run_bio_command(), ((5, 10),), save_interval=2000),
     # Second handout: first-order MAML (1000 iterations), MAML++, the transfer baseline
     Run('fomaml_5shot', 'maml.py', ('--first_order', '--num_support', '5', '--num_inner_steps', '5'),
         1001, ((5, 15),)),
@@ -84,6 +117,8 @@ RUNS = (
     *(stability_run(method, seed) for method in STABILITY_METHODS for seed in STABILITY_SEEDS),
 )
 BY_NAME = {run.name: run for run in RUNS}
+STABILITY_RUNS = tuple(stability_name(method, seed)
+                       for method in STABILITY_METHODS for seed in STABILITY_SEEDS)
 
 
 def parse_scale(text):
@@ -152,13 +187,8 @@ class Plan:
         return Path(training.test_result_path(self.args(self.test_flags(shot, query)),
                                               self.log_dir))
 
-    def latest_checkpoint(self):
-        """The newest state{step}.pt in the log dir, or -1."""
-        return max((int(path.stem.removeprefix('state'))
-                    for path in self.log_dir.glob('state*.pt')), default=-1)
-
     def trained(self):
-        return (self.log_dir / f'state{self.last_checkpoint}.pt').is_file()
+        return self.run.reached(self.log_dir, self.iterations) == self.iterations
 
     def tests_to_do(self):
         return [test for test in self.run.tests if not self.test_result(*test).is_file()]
@@ -180,7 +210,7 @@ class Plan:
         if self.trained():
             to_do = len(self.tests_to_do())
             return f'trained; {to_do} of {len(self.run.tests)} tests to do' if to_do else 'done'
-        latest = self.latest_checkpoint()
+        latest = latest_checkpoint(self.log_dir)
         if latest >= 0:
             return f'stopped at checkpoint {latest} of {self.last_checkpoint}'
         return 'to do'
@@ -233,7 +263,7 @@ def jobs(plan):
     plan.check_made_alike()
     work = []
     if not plan.trained():
-        start = plan.latest_checkpoint()
+        start = latest_checkpoint(plan.log_dir)
         work.append(Job(plan, ['--checkpoint_step', str(start)],
                         'train' if start < 0 else f'resume at {start + 1}', plan.iterations))
     for shot, query in plan.run.tests:

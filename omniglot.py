@@ -272,8 +272,9 @@ def get_image_dataloader(split, batch_size, num_images_per_epoch, seed=0, device
                             generator)
 
 
-def check_task_shape(num_way, num_support, num_query, num_classes, split):
-    """Raises UserError for a task shape the data cannot provide."""
+def check_task_flags(num_way, num_support, num_query):
+    """Raises UserError for a task shape no split can provide; needs no data, so OmniglotTasks
+    calls it before any is loaded or downloaded."""
     for name, value in [('num_way', num_way), ('num_support', num_support),
                         ('num_query', num_query)]:
         if value < 1:
@@ -281,6 +282,11 @@ def check_task_shape(num_way, num_support, num_query, num_classes, split):
     if num_support + num_query > NUM_SAMPLES_PER_CLASS:
         raise UserError(f'num_support + num_query = {num_support + num_query}, but each class '
                         f'has only {NUM_SAMPLES_PER_CLASS} images; lower --num_support or --num_query')
+
+
+def check_task_shape(num_way, num_support, num_query, num_classes, split):
+    """Raises UserError for a task shape the split's num_classes cannot provide."""
+    check_task_flags(num_way, num_support, num_query)
     if num_way > num_classes:
         raise UserError(f'--num_way {num_way} is more than the {num_classes} classes of the '
                         f"'{split}' split; lower --num_way")
@@ -323,6 +329,7 @@ class OmniglotTasks:
     """
 
     def __init__(self, num_way, num_support, num_query, seed=0):
+        check_task_flags(num_way, num_support, num_query)
         self._shape = (num_way, num_support, num_query)
         self._seed = seed
 

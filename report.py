@@ -7,9 +7,10 @@
 It reads each run's TensorBoard event files (TensorBoard's EventAccumulator), its flags.json and
 its --test result JSONs, and draws every plot the handouts ask for, with labelled lines; the
 tables put our test accuracies with their 95% intervals beside the numbers of the two filled-in
-reports of the course (CS 330 Autumn 2022 and 2023). A run trained for fewer iterations than the
-handouts ask is named as shortened on every figure and table that uses it. Runs not done yet are
-left out and listed.
+reports of the course (CS 330 Autumn 2022 and 2023). How far a run got is experiments.py's measure
+(experiments.Run.reached: its latest checkpoint); a run that got less far than the handouts ask
+is named as shortened, with the iterations it reached, on every figure and table that uses it.
+Runs without a checkpoint yet are left out and listed.
 """
 import argparse
 import dataclasses
@@ -19,20 +20,29 @@ from pathlib import Path
 import numpy as np
 
 import experiments
+import maml
+import maml_transfer
+import protonet
 import training
 import util
 
-VAL_QUERY = {'protonet.py': 'val_accuracy/query', 'run_metabolism.py': 'val_accuracy/query',
-             'maml.py': 'val_accuracy/post_adapt_query',
-             'maml_transfer.py': 'val_accuracy/post_adapt_query'}
-PROTONET_METRICS = {f'{split}_accuracy/{key}': f'{name} {key}'
-                    for split, name in (('train', 'train'), ('val', 'validation'))
-                    for key in ('support', 'query')}
-MAML_METRICS = {f'{split}_accuracy/{key}': f'{name} {label}'
-                for split, name in (('train', 'train'), ('val', 'validation'))
-                for key, label in (('pre_adapt_support', 'pre-adaptation support'),
-                                   ('post_adapt_support', 'post-adaptation support'),
-                                   ('post_adapt_query', 'post-adaptation query'))}
+LEARNERS = {'protonet.py': protonet.ProtoNet, 'run_metabolism.py': protonet.ProtoNet,
+            'maml.py': maml.MAML, 'maml_transfer.py': maml_transfer.TransferLearner}
+VAL_QUERY = {script: training.scalar_tag('val', learner.TEST_METRIC)
+             for script, learner in LEARNERS.items()}
+VAL_CI95 = training.scalar_tag('val', 'ci95')
+
+
+def accuracy_metrics(learner):
+    """{TensorBoard tag: legend label} of a learner's accuracies on training and validation
+    tasks, as training.MetaLearner._log writes them."""
+    return {training.scalar_tag(split, key): f'{name} {label.removesuffix(" accuracy")}'
+            for split, name in (('train', 'train'), ('val', 'validation'))
+            for key, label in learner.METRICS.items() if key != 'loss'}
+
+
+PROTONET_METRICS = accuracy_metrics(protonet.ProtoNet)
+MAML_METRICS = accuracy_metrics(maml.MAML)
 PARTS = {'P1': 'Part 1: Prototypical networks', 'P2': 'Part 2: MAML',
          'P3': 'Part 3: more support data at test time', 'P4': 'Part 4: TDC Metabolism',
          'H2': 'Second handout: first-order MAML, MAML++ and transfer learning',
@@ -73,24 +83,37 @@ def interval(mean, ci95):
 
 
 class Runs:
-    """The runs of one log root as experiments.py made them."""
+    """The runs of one log root as experiments.py made them; `saved` holds those with a
+    checkpoint, the ones the report can show."""
 
     def __init__(self, log_root):
         self.root = Path(log_root)
         self._events = {}  # each run's event files, read once
-        self.done = {run.name: run for run in experiments.RUNS
-                     if (self.root / run.name / training.FLAGS_FILE).is_file()}
+        self.reached = {run.name: self._reached(run) for run in experiments.RUNS}
+        self.saved = {run.name: run for run in experiments.RUNS if self.reached[run.name]}
+
+    def _reached(self, run):
+        """The iterations the run reached (experiments.Run.reached), 0 where it never started."""
+        log_dir = self.root / run.name
+        if not (log_dir / training.FLAGS_FILE).is_file():
+            return 0
+        return run.reached(log_dir, self.asked(run.name))
 
     def flags(self, name):
         return json.loads((self.root / name / training.FLAGS_FILE).read_text())
 
-    def iterations(self, name):
+    def asked(self, name):
+        """The iterations the run was started for (its --num_train_iterations)."""
         return self.flags(name)['flags']['num_train_iterations']
+
+    def iterations(self, name):
+        """'N of M': the iterations the run reached of the handout's."""
+        return f'{self.reached[name]} of {self.saved[name].iterations}'
 
     def shortened(self, name):
         """'' for a full-length run, else ' (shortened: N of M iterations)'."""
-        full, ran = self.done[name].iterations, self.iterations(name)
-        return '' if ran >= full else f' (shortened: {ran} of {full} iterations)'
+        full_length = self.reached[name] >= self.saved[name].iterations
+        return '' if full_length else f' (shortened: {self.iterations(name)} iterations)'
 
     def events(self, name):
         if name not in self._events:
@@ -98,7 +121,7 @@ class Runs:
         return self._events[name]
 
     def curve(self, name, tag=None):
-        return scalars(self.events(name), tag or VAL_QUERY[self.done[name].script])
+        return scalars(self.events(name), tag or VAL_QUERY[self.saved[name].script])
 
     def test(self, name, shot, query):
         """The --test result JSON of (shot, query) at the run's latest tested checkpoint, with
@@ -112,7 +135,7 @@ class Runs:
 
     def note(self, names):
         """The sentence every figure and table ends with: which of its runs were shortened."""
-        short = [f'{name}, {self.iterations(name)} of {self.done[name].iterations} iterations'
+        short = [f'{name}, {self.iterations(name)} iterations'
                  for name in names if self.shortened(name)]
         return (' Shortened runs: ' + '; '.join(short) + '.') if short else \
             ' Every run full length.'
@@ -160,12 +183,20 @@ def draw_inner_lrs(name):
 
 
 def draw_k_sweep(ax, runs):
-    for offset, (name, label) in zip((-0.1, 0.1), SWEEP_MODELS.items()):
+    """Ours (filled, shifted by 0.1 to either side), then Table 2 of the 2023 report beside
+    each (open, shifted by 0.25), every point with its 95% interval."""
+    for model, (offset, (name, label)) in enumerate(zip((-0.1, 0.1), SWEEP_MODELS.items())):
         results = [runs.test(name, shot, 10) for shot in experiments.K_SWEEP]
         shots = [shot + offset for shot, result in zip(experiments.K_SWEEP, results) if result]
         results = [result for result in results if result]
         ax.errorbar(shots, [r['mean'] for r in results], yerr=[r['ci95'] for r in results],
-                    marker='o', capsize=3, label=label + runs.shortened(name))
+                    marker='o', capsize=3, color=f'C{model}', label=label + runs.shortened(name))
+    for model, (offset, label) in enumerate(zip((-0.25, 0.25), SWEEP_MODELS.values())):
+        reported = [REPORTED['k_sweep_2023'][shot][model] for shot in experiments.K_SWEEP]
+        ax.errorbar(np.array(experiments.K_SWEEP) + offset, [mean for mean, _ in reported],
+                    yerr=[ci95 for _, ci95 in reported], marker='o', markerfacecolor='none',
+                    linestyle='--', capsize=3, color=f'C{model}',
+                    label=f"{label.split(' (')[0]}: the 2023 report's Table 2")
     ax.set_xlabel('support examples per class at test time (K), Q = 10')
     ax.set_xticks(experiments.K_SWEEP)
     ax.set_ylabel('test accuracy (95% interval)')
@@ -173,21 +204,35 @@ def draw_k_sweep(ax, runs):
 
 def draw_metabolism(ax, runs):
     steps, accuracies = runs.curve('metabolism')
-    _, ci95 = runs.curve('metabolism', 'val_accuracy/ci95')
+    _, ci95 = runs.curve('metabolism', VAL_CI95)
     ax.errorbar(steps, accuracies, yerr=ci95, marker='o', capsize=3,
                 label='validation query accuracy, 95% interval' + runs.shortened('metabolism'))
+    for (year, (mean, ci95)), color in zip(REPORTED['metabolism_val'].items(), ('C1', 'C2')):
+        ax.axhline(mean, color=color, linestyle='--',
+                   label=f"the {year} report's final validation, {interval(mean, ci95)}")
     ax.set_ylabel('validation query accuracy')
+
+
+def draw_fomaml_bar(ax):
+    ax.axhline(FOMAML_BAR, color='grey', linestyle='--',
+               label=f"the handout's bar for first-order MAML ({FOMAML_BAR:.2f})")
 
 
 def draw_fomaml(ax, runs):
     draw_curves({'fomaml_5shot': 'first-order MAML, 5 inner steps'})(ax, runs)
-    ax.axhline(FOMAML_BAR, color='grey', linestyle='--', label="the handout's bar (0.80)")
+    draw_fomaml_bar(ax)
+
+
+def draw_second_handout(ax, runs):
+    draw_curves({'fomaml_5shot': 'first-order MAML', 'mamlpp_5shot': 'MAML++',
+                 'transfer_5shot': 'transfer learning'})(ax, runs)
+    draw_fomaml_bar(ax)
 
 
 def draw_stability(ax, runs):
     for (method, label), color in zip({'maml': 'MAML', 'mamlpp': 'MAML++'}.items(),
                                       ('tab:blue', 'tab:orange')):
-        curves = [runs.curve(f'stability_{method}_seed_{seed}')
+        curves = [runs.curve(experiments.stability_name(method, seed))
                   for seed in experiments.STABILITY_SEEDS]
         for steps, values in curves:
             ax.plot(steps, values, color=color, alpha=0.35, linewidth=1)
@@ -195,14 +240,12 @@ def draw_stability(ax, runs):
         mean = np.mean([values[:length] for _, values in curves], axis=0)
         ax.plot(curves[0][0][:length], mean, color=color, linewidth=2.5, marker='o',
                 markersize=3, label=f'{label}: mean of {len(curves)} seeds (thin: each seed)'
-                                    + runs.shortened(f'stability_{method}_seed_0'))
+                                    + runs.shortened(experiments.stability_name(method, 0)))
     ax.set_ylabel('validation post-adaptation query accuracy')
 
 
 SWEEP_MODELS = {'protonet_1shot': 'ProtoNet (trained 5-way 1-shot)',
                 'maml_learned_inner_lrs': 'MAML, learned inner lrs (trained 5-way 1-shot)'}
-STABILITY_RUNS = tuple(f'stability_{method}_seed_{seed}' for method in
-                       experiments.STABILITY_METHODS for seed in experiments.STABILITY_SEEDS)
 FIGURES = (
     Figure(P1, 'protonet_metrics', 'ProtoNet, 5-way 5-shot: the four accuracy metrics',
            'Support and query accuracy on training tasks (dotted) and validation tasks (solid).',
@@ -236,24 +279,26 @@ FIGURES = (
            ('maml_learned_inner_lrs',), draw_inner_lrs('maml_learned_inner_lrs')),
     Figure(P3, 'k_sweep', 'More support data at test time (K sweep)',
            'Test accuracy of the two 1-shot-trained models on 5-way K-shot tasks with 10 queries '
-           'per class, error bars the 95% interval over the test tasks (the two sets of points '
-           'are shifted apart by 0.1 to be told apart).', tuple(SWEEP_MODELS), draw_k_sweep),
+           'per class, error bars the 95% interval over the test tasks, beside Table 2 of the '
+           '2023 report (open markers, dashed; the sets of points are shifted apart to be told '
+           'apart).', tuple(SWEEP_MODELS), draw_k_sweep),
     Figure(P4, 'metabolism', 'ProtoNet on TDC Metabolism',
            "Validation query accuracy, 2-way 5-shot tasks of the validation data sets, error bars "
-           "the 95% interval over about 2,400 tasks (the assignment's validation).",
+           "the 95% interval over about 2,400 tasks (the assignment's validation), against the "
+           "final validation accuracy of the two reports (dashed).",
            ('metabolism',), draw_metabolism),
     Figure(H2, 'fomaml', 'First-order MAML, 5-way 5-shot, 5 inner steps (second handout)',
            'Validation post-adaptation query accuracy, against the bar the handout sets.',
            ('fomaml_5shot',), draw_fomaml),
     Figure(H2, 'second_handout', 'First-order MAML, MAML++ and the transfer-learning baseline',
            'Validation post-adaptation query accuracy on 5-way 5-shot tasks; for the transfer '
-           'baseline, a new linear layer fitted to each task on the pre-trained, frozen features.',
-           ('fomaml_5shot', 'mamlpp_5shot', 'transfer_5shot'),
-           draw_curves({'fomaml_5shot': 'first-order MAML', 'mamlpp_5shot': 'MAML++',
-                        'transfer_5shot': 'transfer learning'})),
+           'baseline, a new linear layer fitted to each task on the pre-trained, frozen features; '
+           "dashed, the handout's bar for first-order MAML.",
+           ('fomaml_5shot', 'mamlpp_5shot', 'transfer_5shot'), draw_second_handout),
     Figure(H2, 'stability', 'Training stability: MAML vs MAML++ (second handout, extra credit)',
            'Validation post-adaptation query accuracy, 5-way 1-shot, 5 inner steps at inner '
-           'learning rate 0.4, three seeds per method.', STABILITY_RUNS, draw_stability),
+           'learning rate 0.4, three seeds per method.', experiments.STABILITY_RUNS,
+           draw_stability),
 )
 
 
@@ -321,10 +366,10 @@ def k_sweep_rows(runs):
 
 def metabolism_rows(runs):
     steps, accuracies = runs.curve('metabolism')
-    _, ci95 = runs.curve('metabolism', 'val_accuracy/ci95')
+    _, ci95 = runs.curve('metabolism', VAL_CI95)
+    last = f'{interval(accuracies[-1], ci95[-1])} (iteration {steps[-1]})' if steps else '—'
     return (['', 'validation query accuracy', 'test accuracy'],
-            [['ours', f'{interval(accuracies[-1], ci95[-1])} (iteration {steps[-1]})',
-              test_cell(runs, 'metabolism', 5, 10)],
+            [['ours', last, test_cell(runs, 'metabolism', 5, 10)],
              *([f'{year} report', reported_cell(value), '—']
                for year, value in REPORTED['metabolism_val'].items())])
 
@@ -338,8 +383,8 @@ def second_handout_rows(runs):
 def runs_rows(runs):
     return (['run', 'command', 'iterations', 'last started'],
             [[name, f"`{' '.join([record['script'], *record['argv']])}`",
-              f'{runs.iterations(name)} of {runs.done[name].iterations}', record['date']]
-             for name, record in ((name, runs.flags(name)) for name in runs.done)])
+              runs.iterations(name), record['date']]
+             for name, record in ((name, runs.flags(name)) for name in runs.saved)])
 
 
 MAML_RUNS = ('maml_inner_lr_0.4', 'maml_inner_lr_0.04', 'maml_inner_lr_0.04_5_steps',
@@ -377,14 +422,14 @@ def markdown_table(header, rows):
 
 
 def write_report(log_root, out):
-    """Draws every figure whose runs are done and builds every table, part by part, into
+    """Draws every figure whose runs have a checkpoint and builds every table, part by part, into
     out/REPORT.md and out/figures/; returns {slug: matplotlib figure}."""
     runs = Runs(log_root)
     figures_dir = Path(out) / 'figures'
     figures_dir.mkdir(parents=True, exist_ok=True)
     for stale in figures_dir.glob('figure*.png'):
         stale.unlink()
-    ready = [item for item in FIGURES + TABLES if set(item.runs) <= set(runs.done)]
+    ready = [item for item in FIGURES + TABLES if set(item.runs) <= set(runs.saved)]
     lines, drawn, numbers = [f'# Few-shot meta-learning: the report\n\nRuns read from '
                              f'`{log_root}`.'], {}, {Figure: 0, Table: 0}
     for part, heading in PARTS.items():
@@ -396,7 +441,8 @@ def write_report(log_root, out):
             lines.append(render_item(item, numbers[type(item)], runs, figures_dir, drawn))
     missing = [item.title for item in FIGURES + TABLES if item not in ready]
     if missing:
-        lines.append('\nNot in the report yet, their runs not done: ' + '; '.join(missing)
+        lines.append('\nNot in the report yet, their runs without a checkpoint: '
+                     + '; '.join(missing)
                      + '. Run `python experiments.py`, then this again.')
     with util.atomic_file(Path(out) / 'REPORT.md', 'w') as file:
         file.write('\n'.join(lines) + '\n')
@@ -405,7 +451,7 @@ def write_report(log_root, out):
 
 def render_item(item, number, runs, figures_dir, drawn):
     """One figure (drawn to a PNG) or table as Markdown with its number and caption."""
-    note = runs.note(item.runs or runs.done)
+    note = runs.note(item.runs or runs.saved)
     if isinstance(item, Figure):
         path = figures_dir / f'figure{number:02d}_{item.slug}.png'
         drawn[item.slug] = render(item, runs, path)

@@ -228,8 +228,7 @@ class MetaLearner:
     @staticmethod
     def _log(writer, split, summary, step):
         for key, value in summary.items():
-            tag = f'loss/{split}' if key == 'loss' else f'{split}_accuracy/{key}'
-            writer.add_scalar(tag, value, step)
+            writer.add_scalar(scalar_tag(split, key), value, step)
 
     # ----- checkpoints -----
     def _checkpoint_path(self, checkpoint_step):
@@ -264,6 +263,12 @@ class MetaLearner:
         self._start_train_step = checkpoint_step + 1
         self._loader_states = state.get('loader_states')
         print(f'Loaded checkpoint iteration {checkpoint_step}.')
+
+
+def scalar_tag(split, key):
+    """The TensorBoard tag of one logged metric: 'loss/{split}', else '{split}_accuracy/{key}'
+    (split 'train' or 'val'; key a METRICS key, or 'ci95')."""
+    return f'loss/{split}' if key == 'loss' else f'{split}_accuracy/{key}'
 
 
 def merge_per_task(per_process):
@@ -384,17 +389,17 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
         if distributed.is_main():
             write_test_result(args, log_dir, *result)
         return result
-    if distributed.is_main():
-        util.atomic_write_json(run_record(args), os.path.join(log_dir, FLAGS_FILE))
     num_training_tasks = args.batch_size * (args.num_train_iterations - args.checkpoint_step - 1)
     dataloader_train = task_source.loader('train', args.batch_size, num_training_tasks, device)
     dataloader_val = task_source.loader('val', args.batch_size,
                                         num_val_tasks or args.batch_size * 4, device)
+    if distributed.is_main():  # the loaders have checked the task shape: the run is on
+        util.atomic_write_json(run_record(args), os.path.join(log_dir, FLAGS_FILE))
     from torch.utils.tensorboard import SummaryWriter  # slow import; training only
     if not distributed.is_main():  # rank 0 alone logs
         return learner.train(dataloader_train, dataloader_val, distributed.NullWriter())
     with SummaryWriter(log_dir=log_dir) as writer:
-        log_hparams(writer, args, f'val_accuracy/{learner.TEST_METRIC}')
+        log_hparams(writer, args, scalar_tag('val', learner.TEST_METRIC))
         return learner.train(dataloader_train, dataloader_val, writer)
 
 

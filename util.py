@@ -19,6 +19,21 @@ from tqdm import tqdm
 TORCHRUN_ERROR_WAIT_SECONDS = 5  # torchrun checks its processes every 0.1 s
 CUBLAS_WORKSPACE = ':4096:8'  # what deterministic cuBLAS needs (CUDA's reproducibility notes)
 BF16_MIN_CAPABILITY = 8  # bfloat16 arithmetic from Ampere (compute capability 8.0) on
+MIN_PYTHON = (3, 11)  # what requirements.txt installs on (numpy 2.4, Pillow 13, matplotlib 3.11)
+
+
+def check_python(version):
+    """Exits with one line and status 2 on a Python older than MIN_PYTHON, where the pinned
+    requirements do not install and the code would fail later, deep in a call (zip(strict=...))
+    instead. Called as util is imported, so by every script, the grader and the tests."""
+    if tuple(version[:2]) < MIN_PYTHON:
+        print(f'error: Python {version[0]}.{version[1]} is too old; this project and its pinned '
+              f'requirements need Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer',
+              file=sys.stderr)
+        sys.exit(2)
+
+
+check_python(sys.version_info)
 
 
 class UserError(Exception):

@@ -1,8 +1,8 @@
 """Speed of ours against a course-style reference, side by side, in one run on one machine.
 
-    python benchmarks/benchmark.py                 # the table of benchmarks/README.md
-    python benchmarks/benchmark.py --quick         # CI: a few iterations, the same accuracy checks
-    python benchmarks/benchmark.py --device gpu    # the same on CUDA
+    python -m benchmarks.benchmark                 # the table of benchmarks/README.md
+    python -m benchmarks.benchmark --quick         # CI: a few iterations, the same accuracy checks
+    python -m benchmarks.benchmark --device gpu    # the same on CUDA
 
 The reference is the course's way of doing the same work: its data pipeline
 (course_pipeline.py: PNG files decoded by a DataLoader with 2 workers) and its steps
@@ -23,24 +23,19 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import maml  # noqa: E402  (needs the path above)
-import maml_transfer  # noqa: E402
-import metabolism  # noqa: E402
-import omniglot  # noqa: E402
-import protonet  # noqa: E402
-import reference  # noqa: E402
-import util  # noqa: E402
-from course_pipeline import course_dataloader, write_png_folder  # noqa: E402
-from numerics import (BATCHED, LEARNING_RATE, MAML_INNER_LR, MAML_ROWS,  # noqa: E402
-                      check_numerics)
-from timing import (Result, exhaust, measure, memory_mib,  # noqa: E402
-                    reset_peak_memory)
+import maml
+import maml_transfer
+import metabolism
+import omniglot
+import protonet
+import reference
+import util
+from benchmarks.course_pipeline import course_dataloader, write_png_folder
+from benchmarks.numerics import BATCHED, LEARNING_RATE, MAML_INNER_LR, MAML_ROWS, check_numerics
+from benchmarks.timing import Result, exhaust, measure, memory_mib, reset_peak_memory
 
 
 @dataclass

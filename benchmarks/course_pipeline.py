@@ -4,17 +4,13 @@ torch DataLoader with 2 worker processes. The course's steps are in reference.py
 """
 import glob
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import omniglot  # noqa: E402  (needs the path above)
+import omniglot
 
 
 def write_png_folder(images, folder):

@@ -1,7 +1,7 @@
 """The course's ProtoNet training loop on the benchmark's reference (PNG loader, per-task steps),
 for time_to_accuracy.py --reference.
 
-    python benchmarks/course_protonet.py --folder DIR [--num_train_iterations N] [--seed S]
+    python -m benchmarks.course_protonet --folder DIR [--num_train_iterations N] [--seed S]
 
 DIR is an omniglot_resized-style PNG folder (course_pipeline.write_png_folder). Prints
 `Iteration {i}: ...` every 10 iterations and `Validation: ...` on 64 validation tasks every 50,
@@ -12,9 +12,8 @@ import argparse
 import numpy as np
 import torch
 
-from course_pipeline import course_dataloader  # puts the project's root on the path
-
-import reference  # noqa: E402
+import reference
+from benchmarks.course_pipeline import course_dataloader
 
 BATCH_SIZE = 16
 LEARNING_RATE = 0.001  # protonet.py's default

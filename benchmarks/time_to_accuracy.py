@@ -1,8 +1,8 @@
 """Wall time of a training run until its validation query accuracy first reaches a target.
 
-    python benchmarks/time_to_accuracy.py --target 0.99 -- --num_support 5 --seed 0
-    python benchmarks/time_to_accuracy.py --target 0.99 -- --num_support 5 --seed 0 --amp bf16
-    python benchmarks/time_to_accuracy.py --target 0.99 --reference -- --seed 0
+    python -m benchmarks.time_to_accuracy --target 0.99 -- --num_support 5 --seed 0
+    python -m benchmarks.time_to_accuracy --target 0.99 -- --num_support 5 --seed 0 --amp bf16
+    python -m benchmarks.time_to_accuracy --target 0.99 --reference -- --seed 0
 
 Runs `python protonet.py <flags after -->` from scratch in a fresh log folder, timestamps every
 line it prints, and stops it at the first `Validation:` line whose query accuracy is at least
@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from course_pipeline import write_png_folder  # puts the project's root on the path
-
-import omniglot  # noqa: E402
+import omniglot
+from benchmarks.course_pipeline import write_png_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION = re.compile(r'^Validation: .*query accuracy: ([\d.]+)')
@@ -60,7 +59,7 @@ def main():
         if args.reference:
             folder = str(Path(work) / 'omniglot_resized')
             write_png_folder(omniglot.prepare(), folder)
-            arguments = ['benchmarks/course_protonet.py', '--folder', folder]
+            arguments = ['-m', 'benchmarks.course_protonet', '--folder', folder]
         else:
             arguments = ['protonet.py', '--log_dir', work]
         result = run_until(args.target, arguments + args.flags)

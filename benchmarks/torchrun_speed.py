@@ -1,7 +1,7 @@
 """Training speed of one process against several on the same cores, side by side:
 
-    python benchmarks/torchrun_speed.py             # P = 1 with 1 and 2 threads, P = 2 with 1 each
-    python benchmarks/torchrun_speed.py --cores 4   # P = 1 with 1 and 4 threads, P = 4 with 1 each
+    python -m benchmarks.torchrun_speed             # P = 1 with 1 and 2 threads, P = 2 with 1 each
+    python -m benchmarks.torchrun_speed --cores 4   # P = 1 with 1 and 4 threads, P = 4 with 1 each
 
 Each row times the shared loop's training step (`_train_step`, distributed.py's gradient
 averaging included) on batches of 16 tasks: one process with one thread, one process with a
@@ -18,15 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import distributed
+import maml
+import omniglot
+import protonet
+import util
+from benchmarks.timing import measure
 
-import distributed  # noqa: E402  (needs the path above)
-import maml  # noqa: E402
-import omniglot  # noqa: E402
-import protonet  # noqa: E402
-import util  # noqa: E402
-from timing import measure  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BATCH_SIZE = 16
 WARMUP, REPEATS = 2, 7
@@ -60,7 +59,7 @@ def run(row, processes, threads):
     launcher = ([sys.executable] if processes == 1 else
                 [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                  f'--nproc_per_node={processes}'])
-    result = subprocess.run([*launcher, __file__, '--time', row], cwd=ROOT, check=True,
+    result = subprocess.run([*launcher, '-m', __spec__.name, '--time', row], cwd=ROOT, check=True,
                             capture_output=True, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     return json.loads(result.stdout.splitlines()[-1])['seconds']

@@ -1,4 +1,5 @@
-"""benchmarks/benchmark.py: the quick mode's accuracy checks pass and its table is complete."""
+"""benchmarks/benchmark.py (`python -m benchmarks.benchmark`): the quick mode's accuracy checks
+pass and its table is complete."""
 import re
 import subprocess
 import sys
@@ -7,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'benchmarks'))
+from benchmarks import numerics, time_to_accuracy
 
-import numerics  # noqa: E402  (needs the path above)
+ROOT = Path(__file__).resolve().parents[1]
 
 CHECKS = ['ProtoNet 5w5s', 'MAML 5w1s 1 step', 'MAML 5w1s 5 steps',
           'MAML 5w1s 1 step first-order']
@@ -25,7 +25,7 @@ NUMBER = r'[\d.e+-]+'
 
 
 def test_quick_benchmark_checks_accuracy_and_prints_every_row():
-    result = subprocess.run([sys.executable, 'benchmarks/benchmark.py', '--quick'], cwd=ROOT,
+    result = subprocess.run([sys.executable, '-m', 'benchmarks.benchmark', '--quick'], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     checks = re.findall(r'^  (.+): ours (\S+), reference (\S+) ok$', result.stdout, re.M)
@@ -57,7 +57,6 @@ def test_relative_error_catches_a_wrong_gradient_and_tolerates_rounding_noise():
 
 
 def test_time_to_accuracy_stops_at_the_first_validation_at_the_target():
-    import time_to_accuracy
     lines = ['Iteration 0: loss: 1.0', 'Validation: loss: 1.0, query accuracy: 0.400',
              'Iteration 50: loss: 0.1', 'Validation: loss: 0.1, query accuracy: 0.990',
              'Iteration 100: loss: 0.1', 'Validation: loss: 0.1, query accuracy: 0.995']
