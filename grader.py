@@ -45,7 +45,9 @@ def test_protonet_step():
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as log_dir:
         model = protonet.ProtoNet(0.001, log_dir, 'cpu')
-    task_batch = omniglot_batch(batch_size=4, num_way=5, num_support=5, num_query=15)
+    # Two tasks of more shots than ways: prototypes divided by anything but each class's count
+    # (the number of classes, the number of tasks) give other numbers.
+    task_batch = omniglot_batch(batch_size=2, num_way=5, num_support=7, num_query=6)
     loss, accuracy_support, accuracy_query = model._step(task_batch)
     expected = reference.protonet_step(reference.protonet_network_like(model._network), task_batch)
     assert loss.dim() == 0 and loss.requires_grad, 'the loss must be a 0-dim tensor with grad'

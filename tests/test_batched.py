@@ -125,10 +125,31 @@ MAML_CONFIGS = {  # name: (MAML's keyword arguments, the training iteration)
 }
 
 
+# The configurations reference.maml_outer_step computes too: whether second order.
+REFERENCE_SECOND_ORDER = {'second order': True, 'learned inner lrs': True, 'first order': False,
+                          'derivative-order annealing, first-order part': False}
+
+
+def reference_results(model, task_batch):
+    """(loss, gradients as evaluate lists them: the weights', then the inner lrs' where
+    learned, else None) of reference.maml_outer_step at the model's values."""
+    parameters = reference.leaf_copies(model._meta_parameters)
+    learned = model._learn_inner_lrs
+    lrs = (reference.leaf_copies(model._inner_lrs) if learned else
+           {key: value.detach() for key, value in model._inner_lrs.items()})
+    loss = reference.maml_outer_step(parameters, lrs, task_batch, model._num_inner_steps,
+                                     create_graph=model._second_order())[0]
+    loss.backward()
+    return loss.detach(), [v.grad for v in parameters.values()] + [
+        v.grad if learned else None for v in lrs.values()]
+
+
 @pytest.mark.parametrize('config', MAML_CONFIGS)
 @pytest.mark.parametrize('num_inner_steps', [1, 2])
 def test_maml_batched_equals_the_loop_in_float64(tmp_path, omniglot_batch, config,
                                                  num_inner_steps):
+    """Both paths against each other; where the reference computes the configuration, both
+    against the reference too (so a change to the math both share cannot pass)."""
     options, iteration = MAML_CONFIGS[config]
     task_batch = reference.to_float64(omniglot_batch(2, NUM_WAY, 1, 2, seed=6))
     results = {}
@@ -138,7 +159,18 @@ def test_maml_batched_equals_the_loop_in_float64(tmp_path, omniglot_batch, confi
             NUM_WAY, num_inner_steps, 0.4, outer_lr=0.001, log_dir=str(tmp_path), device='cpu',
             tasks=tasks, **{'learn_inner_lrs': False, **options})))
         model._iteration = iteration
+        if config in REFERENCE_SECOND_ORDER:
+            assert model._second_order() == REFERENCE_SECOND_ORDER[config]
+            expected = reference_results(model, task_batch)
         results[tasks] = [evaluate(model, task_batch, train) for train in (True, False)]
+        if config in REFERENCE_SECOND_ORDER:
+            loss, _, gradients = results[tasks][0]
+            torch.testing.assert_close(loss, expected[0], rtol=1e-12, atol=0)
+            assert [g is None for g in gradients] == [g is None for g in expected[1]], tasks
+            for i, (actual, want) in enumerate(zip(gradients, expected[1], strict=True)):
+                if want is not None:
+                    torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-12,
+                                               msg=lambda m: f'{tasks}, gradient {i}: {m}')
     num_weights = len(model._meta_parameters)
     for train, loop, batched in zip((True, False), results['loop'], results['batched']):
         assert_same_results(loop, batched)

@@ -55,6 +55,8 @@ def test_every_figure_and_table_is_produced(tiny):
     markdown = (out / 'REPORT.md').read_text()
     assert 'Not in the report yet' not in markdown
     pngs = sorted(path.name for path in (out / 'figures').iterdir())
+    # the README's count ("12 numbered, captioned figures ... and 6 tables"), not report's own
+    assert len(pngs) == 12 and len(report.TABLES) == 6
     assert pngs == [f'figure{n:02d}_{f.slug}.png' for n, f in enumerate(report.FIGURES, 1)]
     for number, png in enumerate(pngs, 1):
         assert (out / 'figures' / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -69,6 +71,18 @@ def test_every_figure_and_table_is_produced(tiny):
                   if not text.get_text().startswith("the handout's")]  # the bar: no run
         ours = [label for label in legend if "the 2023 report's" not in label]
         assert ours and all('(shortened: 1 of ' in label for label in ours), legend
+
+
+def test_the_report_is_deterministic(tiny, tmp_path):
+    """A second report of the same runs: REPORT.md and every figure byte for byte the same."""
+    log_root, out, _, _ = tiny
+    report.write_report(log_root, tmp_path)
+    assert (tmp_path / 'REPORT.md').read_text() == (out / 'REPORT.md').read_text()
+    first = sorted((out / 'figures').iterdir())
+    assert [path.name for path in sorted((tmp_path / 'figures').iterdir())] == [
+        path.name for path in first]
+    for path in first:
+        assert (tmp_path / 'figures' / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_the_report_numbers_are_the_json_results(tiny):

@@ -25,6 +25,19 @@ def test_a_wrong_implementation_loses_the_points(capsys, monkeypatch):
     assert 'FAIL: AssertionError' in capsys.readouterr().out
 
 
+def test_prototypes_divided_by_the_number_of_classes_lose_the_points(capsys, monkeypatch):
+    """Support sums divided by N instead of each class's K (the same when K == N)."""
+    def wrong_divisor(latents_support, labels_support, latents_query, num_way):
+        one_hot = grader.torch.nn.functional.one_hot(labels_support, num_way).to(
+            latents_support.dtype)
+        prototypes = (one_hot.unsqueeze(-1) * latents_support.unsqueeze(2)).sum(1) / num_way
+        return -(latents_query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
+
+    monkeypatch.setattr(grader.protonet, 'prototype_logits', wrong_divisor)
+    assert grader.run(['1b-0-hidden']) == (0, 8)
+    assert 'FAIL: AssertionError' in capsys.readouterr().out
+
+
 def test_gradients_as_a_dict_lose_the_points_of_2a_0_and_2a_1(capsys, monkeypatch):
     """Our own earlier mistake: a dict iterates over its keys, so `for grad in gradients`
     (the assignment's grader) meets strings."""

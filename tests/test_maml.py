@@ -90,7 +90,10 @@ def test_second_order_meta_gradient_equals_the_reference(tmp_path, num_inner_ste
 
 @pytest.mark.parametrize('num_inner_steps', [1, 3])
 def test_second_order_meta_gradient_equals_finite_differences(tmp_path, num_inner_steps):
-    """Directional derivative of the model's own objective along a random direction."""
+    """Directional derivative along a random direction of the MAML objective written apart
+    from ours (reference.maml_outer_step: its own forward, inner steps and query loss), at the
+    model's weights and inner learning rates: a wrong sign or order in the model's inner loop
+    moves the model's gradient away from it."""
     model = float64_model(tmp_path, num_inner_steps)
     tasks = tiny_tasks(seed=1)
     gradients = meta_gradient(model, tasks)
@@ -109,7 +112,10 @@ def test_second_order_meta_gradient_equals_finite_differences(tmp_path, num_inne
         with torch.no_grad():
             for t, d in zip(tensors, directions):
                 t.add_(sign * epsilon * d)
-            loss = model._outer_step(tasks, train=False)[0].item()
+            parameters, lrs = values(model)
+            with torch.enable_grad():  # the reference's inner loop differentiates
+                loss = reference.maml_outer_step(reference.leaf_copies(parameters), lrs, tasks,
+                                                 num_inner_steps)[0].item()
             for t, d in zip(tensors, directions):
                 t.sub_(sign * epsilon * d)
         return loss
@@ -117,6 +123,29 @@ def test_second_order_meta_gradient_equals_finite_differences(tmp_path, num_inne
     numeric = (objective(1) - objective(-1)) / (2 * epsilon)
     analytic = sum((g * d).sum() for g, d in zip(grads, directions)).item()
     assert abs(numeric - analytic) <= 1e-5 * abs(analytic), (numeric, analytic)
+    # the model's loss is that objective's value
+    parameters, lrs = values(model)
+    assert model._outer_step(tasks, train=False)[0].item() == pytest.approx(
+        reference.maml_outer_step(reference.leaf_copies(parameters), lrs, tasks,
+                                  num_inner_steps)[0].item(), rel=1e-12)
+
+
+def test_a_fixed_inner_lr_stays_fixed_and_gets_no_gradient(tmp_path):
+    """Without --learn_inner_lrs the inner learning rates are constants: no gradient reaches
+    them, the optimizer leaves them at --inner_lr, and the checkpoint holds that value."""
+    torch.manual_seed(0)
+    model = reference.maml_in_float64(maml.MAML(NUM_WAY, 1, 0.25, False, 0.01, str(tmp_path),
+                                                'cpu'))
+    assert not any(value.requires_grad for value in model._inner_lrs.values())
+    for step in range(2):
+        model._train_step(tiny_tasks(seed=step), step)
+    for key, value in model._inner_lrs.items():
+        assert value.grad is None, key
+        assert value.item() == 0.25, key
+    assert all(value.grad is not None for value in model._meta_parameters.values())
+    model._save(0)
+    saved = torch.load(tmp_path / 'state0.pt', weights_only=True)['inner_lrs']
+    assert all(value.item() == 0.25 for value in saved.values())
 
 
 @pytest.mark.parametrize('num_inner_steps', [1, 3])
@@ -149,6 +178,39 @@ def test_first_order_meta_gradient(tmp_path, num_inner_steps):
 
 
 # ----- graphs -----
+def autograd_node_names(tensor):
+    """The class names of every node of the autograd graph that produced tensor."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(child for child, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+@pytest.mark.parametrize('tasks', ['loop', 'batched'])
+def test_the_training_graph_holds_the_inner_gradients_exactly_when_second_order(tmp_path,
+                                                                               tasks):
+    """The graph _evaluate builds in training (the one backward differentiates): second order,
+    it holds the derivatives of the inner gradients' own backward operations (nodes named
+    ...BackwardBackward, for the convolutions, batch norms and ReLUs of the inner step); first
+    order, none; in evaluation, no graph at all."""
+    for first_order in (False, True):
+        torch.manual_seed(0)
+        model = reference.maml_in_float64(maml.MAML(NUM_WAY, 2, 0.4, True, 0.001, str(tmp_path),
+                                                    'cpu', first_order=first_order, tasks=tasks))
+        loss, _ = model._evaluate(tiny_tasks(), train=True)
+        double_backward = {name for name in autograd_node_names(loss)
+                           if 'BackwardBackward' in name}
+        if first_order:
+            assert double_backward == set()
+        else:
+            assert {'ConvolutionBackwardBackward0', 'NativeBatchNormBackwardBackward0',
+                    'ThresholdBackwardBackward0'} <= double_backward, double_backward
+        assert model._evaluate(tiny_tasks(), train=False)[0].grad_fn is None
+
+
 def test_inner_loop_graphs(tmp_path):
     images, labels, _, _ = tiny_tasks(num_tasks=1)[0]
     for first_order in (False, True):
@@ -378,13 +440,23 @@ def test_neutral_options_compute_plain_maml_bit_for_bit(tmp_path):
 
 
 def test_derivative_order_switches_at_the_configured_iteration(tmp_path):
+    """Before the switch the meta-gradient is the reference's first-order one, from it the
+    reference's second-order one (reference.maml_outer_step with and without create_graph)."""
     tasks = tiny_tasks(seed=7)
-    expected = {first_order: meta_gradient(plus_model(tmp_path, 2, maml.PlusPlus(), first_order),
-                                           tasks)[0] for first_order in (True, False)}
+    parameters, lrs = values(plus_model(tmp_path, 2, maml.PlusPlus()))
+    expected = {}
+    for first_order in (True, False):
+        leaves = reference.leaf_copies(parameters)
+        reference.maml_outer_step(leaves, lrs, tasks, 2, create_graph=not first_order)[
+            0].backward()
+        expected[first_order] = {k: v.grad for k, v in leaves.items()}
+    for k in KEYS:  # the two differ, so each comparison below can fail
+        assert (expected[True][k] - expected[False][k]).norm() > 1e-3 * expected[False][k].norm()
     for iteration, first_order in [(0, True), (3, True), (4, False), (9, False)]:
         model = plus_model(tmp_path, 2, maml.PlusPlus(first_order_iterations=4))
         model._iteration = iteration
-        assert_dicts_close(meta_gradient(model, tasks)[0], expected[first_order], rtol=0, atol=0)
+        assert_dicts_close(meta_gradient(model, tasks)[0], expected[first_order], rtol=1e-9,
+                           atol=1e-12)
 
 
 def test_outer_learning_rate_follows_the_cosine(tmp_path):

@@ -43,6 +43,29 @@ def test_step_equals_a_hand_computation(tmp_path):
     assert accuracy_support == 1.0 and accuracy_query == 0.5
 
 
+def test_two_tasks_with_more_shots_than_ways_by_hand(tmp_path):
+    """2-way 3-shot (K != N, so dividing by the number of classes instead of each class's count
+    gives other prototypes), two tasks of different sizes of latents, worked by hand."""
+    first = (torch.tensor([[0.], [1.], [2.], [9.], [10.], [11.]]), torch.tensor([0, 0, 0, 1, 1, 1]),
+             torch.tensor([[4.], [8.]]), torch.tensor([0, 1]))  # prototypes 1 and 10
+    second = (torch.tensor([[-3.], [-1.], [-2.], [1.], [2.], [6.]]),
+              torch.tensor([0, 0, 0, 1, 1, 1]),
+              torch.tensor([[0.], [-1.]]), torch.tensor([1, 1]))  # prototypes -2 and 3
+    model = protonet.ProtoNet(0.001, str(tmp_path), 'cpu', learner=Identity())
+    loss, accuracy_support, accuracy_query = model._step([first, second])
+    # first task: query 4, distances 9 and 36 (right); query 8, 49 and 4 (right).
+    # second task: query 0, distances 4 and 9, label 1 (wrong); query -1, 1 and 16 (wrong).
+    # The support: every example nearest its own prototype, but 1 in the second task
+    # (distances 9 and 4: right too).
+    losses = [math.log(1 + math.exp(9 - 36)), math.log(1 + math.exp(4 - 49)),
+              math.log(1 + math.exp(9 - 4)), math.log(1 + math.exp(16 - 1))]
+    assert loss.item() == pytest.approx(sum(losses) / 4, rel=1e-6)
+    assert accuracy_support == 1.0 and accuracy_query == 0.5
+    # the batched path computes the same
+    batched = protonet.ProtoNet(0.001, str(tmp_path), 'cpu', learner=Identity(), tasks='batched')
+    assert batched._step([first, second])[0].item() == pytest.approx(sum(losses) / 4, rel=1e-6)
+
+
 def test_task_batch_norm_equals_batch_norm_in_train_mode_also_in_eval_mode():
     torch.manual_seed(0)
     norm = layers.TaskBatchNorm(3)

@@ -4,6 +4,7 @@ Training uses the real TDC data that conftest.py's `built` fixture builds once p
 """
 import contextlib
 import io
+import math
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ from torch import nn
 import metabolism
 import protonet
 import run_metabolism
+import training
 import util
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,14 +74,20 @@ def test_fcnet_in_protonet_equals_batch_norm_1d_applied_to_one_task_at_a_time():
 # ----- training -----
 @pytest.fixture(scope='module')
 def trained(built, tmp_path_factory):
-    """(working folder, printed output, loaders asked for): NUM_STEPS + 1 steps of the run_bio
-    configuration in-process, in the working folder's default log dir, with validation and
-    checkpoints every INTERVAL steps instead of every 2000; the loaders as (split, batch_size,
-    num_tasks)."""
+    """(working folder, printed output, loaders asked for, each validation's per-task query
+    accuracies): NUM_STEPS + 1 steps of the run_bio configuration in-process, in the working
+    folder's default log dir, with validation and checkpoints every INTERVAL steps instead of
+    every 2000; the loaders as (split, batch_size, num_tasks)."""
     folder = tmp_path_factory.mktemp('metabolism_run')
     out = io.StringIO()
-    loaders = []
+    loaders, validations = [], []
     loader = metabolism.MetabolismTasks.loader
+    evaluate_pass = training.MetaLearner._evaluate_pass
+
+    def recorded_pass(self, dataloader):
+        loss, metrics = evaluate_pass(self, dataloader)
+        validations.append(np.array(metrics['query']))
+        return loss, metrics
 
     def recorded(self, split, batch_size, num_tasks, device):
         loaders.append((split, batch_size, num_tasks))
@@ -90,9 +98,10 @@ def trained(built, tmp_path_factory):
         patch.setattr(run_metabolism, 'VAL_INTERVAL', INTERVAL)
         patch.setattr(run_metabolism, 'SAVE_INTERVAL', INTERVAL)
         patch.setattr(metabolism.MetabolismTasks, 'loader', recorded)
+        patch.setattr(training.MetaLearner, '_evaluate_pass', recorded_pass)
         run_metabolism.main(run_metabolism.parse_args(
             [*BIO_FLAGS, '--num_train_iterations', str(NUM_STEPS + 1), '--datadir', str(built[0])]))
-    return folder, out.getvalue(), loaders
+    return folder, out.getvalue(), loaders, validations
 
 
 def test_validation_draws_2400_tasks_as_the_assignment(trained):
@@ -108,8 +117,15 @@ def test_training_prints_validation_with_its_interval(trained):
     validations = re.findall(rf'^Validation: loss: {NUMBER}, support accuracy: {NUMBER}, '
                              rf'query accuracy: {NUMBER}, Ci95: {NUMBER}$', output, re.M)
     assert len(validations) == NUM_STEPS // INTERVAL + 1, output
-    for _, _, query, ci95 in validations:  # over 2,400 tasks: about 1.96 * 0.2 / sqrt(2400)
-        assert 0 < float(ci95) < 0.015 and 0 < float(query) <= 1
+    # Ci95 is the course's formula over the 2,400 tasks, not over the 600 batches' means
+    assert [len(accuracies) for accuracies in trained[3]] == [2400] * len(validations)
+    for (_, _, query, ci95), accuracies in zip(validations, trained[3], strict=True):
+        mean = sum(accuracies) / 2400
+        std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / 2400)
+        # printed to 3 decimals: within half of the last one
+        assert abs(float(query) - mean) <= 5e-4 + 1e-12, (query, mean)
+        assert abs(float(ci95) - 1.96 * std / math.sqrt(2400)) <= 5e-4 + 1e-12, (ci95, std)
+        assert 0.001 < 1.96 * std / math.sqrt(2400) < 0.015  # the interval is not degenerate
 
 
 def test_training_logs_the_interval_and_saves_checkpoints(trained):

@@ -48,17 +48,20 @@ def test_resuming_gives_the_same_parameters_as_training_straight(tmp_path):
     assert not torch.equal(saved['convs.0.weight'], resumed._network.convs[0].weight)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize('bad', ['nan', 'inf'])
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
+                                                                         bad):
+    """A NaN loss, or an infinite one, stops training before the optimizer steps."""
     evaluate = protonet.ProtoNet._evaluate
     calls = []
 
     def poisoned(self, task_batch, train):
         loss, metrics = evaluate(self, task_batch, train)
         calls.append(train)
-        return (loss * float('nan') if calls.count(True) == 4 else loss), metrics
+        return (loss + float(bad) if calls.count(True) == 4 else loss), metrics
 
     monkeypatch.setattr(protonet.ProtoNet, '_evaluate', poisoned)
-    with pytest.raises(util.UserError, match='loss became nan at iteration 3'):
+    with pytest.raises(util.UserError, match=f'loss became {bad} at iteration 3'):
         train_protonet(str(tmp_path), 10)
     assert sorted(os.listdir(tmp_path))[-2:] == ['state0.pt', 'state2.pt']
     state = torch.load(tmp_path / 'state2.pt', weights_only=True)
