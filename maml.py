@@ -420,15 +420,11 @@ class MAML(training.MetaLearner):
             task_objective, parameters=self._meta_parameters, inner_lrs=self._inner_lrs,
             norms=self._norm_rows(train), num_steps=self._num_inner_steps,
             loss_weights=self._multi_step_loss_weights() if train else None)
+        # torch.func.grad where vmap batches the tasks, autograd one task at a time
+        gradient = (func_gradient if self._batched else autograd_gradient)(create_graph)
         with torch.set_grad_enabled(train):
-            if self._batched:
-                losses, logits_support, logits_query = torch.func.vmap(functools.partial(
-                    objective, gradient=func_gradient(create_graph)))(*tasks)
-            else:
-                gradient = autograd_gradient(create_graph)
-                losses, logits_support, logits_query = (
-                    torch.stack(results) for results in zip(*(
-                        objective(*task, gradient=gradient) for task in zip(*tasks))))
+            losses, logits_support, logits_query = training.per_task(
+                functools.partial(objective, gradient=gradient), self._batched)(*tasks)
         _, labels_support, _, labels_query = tasks
         accuracies_support = util.accuracy_per_task(logits_support, labels_support[:, None])
         return losses.mean(), {
@@ -476,12 +472,8 @@ class MAML(training.MetaLearner):
         return dict(state, optimizer_state_dict=self._optimizer.state_dict())
 
     def _load_checkpoint_state(self, state):
-        # Copy into the tensors the optimizer holds: swapping in new tensors (as the original
-        # assignment did) leaves the optimizer updating orphans, and training silently stops.
-        with torch.no_grad():
-            for name in ('meta_parameters', 'inner_lrs', 'step_norms'):
-                for key, value in getattr(self, '_' + name).items():
-                    value.copy_(state[name][key])
+        for name in ('meta_parameters', 'inner_lrs', 'step_norms'):
+            util.copy_into(getattr(self, '_' + name), state.get(name, {}))
         self._optimizer.load_state_dict(state['optimizer_state_dict'])
 
 
@@ -490,14 +482,11 @@ MAMLPP_OPTIONS = ('multi_step_loss', 'derivative_order_annealing', 'per_step_inn
 
 
 def default_log_dir(args):
-    log_dir = (f'./logs/maml/omniglot.way_{args.num_way}.support_{args.num_support}'
-               f'.query_{args.num_query}.inner_steps_{args.num_inner_steps}'
-               f'.inner_lr_{args.inner_lr}.learn_inner_lrs_{args.learn_inner_lrs}'
-               f'.outer_lr_{args.outer_lr}.batch_size_{args.batch_size}')
-    for option in ('first_order', 'mamlpp', *MAMLPP_OPTIONS):
-        if getattr(args, option):
-            log_dir += f'.{option}_True'
-    return log_dir
+    return training.default_log_dir(
+        'maml', 'omniglot', args, training.TASK_FIELDS + (
+            ('inner_steps', 'num_inner_steps'), ('inner_lr', 'inner_lr'),
+            ('learn_inner_lrs', 'learn_inner_lrs'), ('outer_lr', 'outer_lr'),
+            ('batch_size', 'batch_size')), options=('first_order', 'mamlpp', *MAMLPP_OPTIONS))
 
 
 def plus_plus(args):

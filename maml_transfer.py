@@ -125,9 +125,7 @@ class TransferLearner(training.MetaLearner):
                 'optimizer_state_dict': self._optimizer.state_dict()}
 
     def _load_checkpoint_state(self, state):
-        with torch.no_grad():  # into the tensors the optimizer holds
-            for key, value in self._parameters.items():
-                value.copy_(state['parameters'][key])
+        util.copy_into(self._parameters, state['parameters'])
         self._optimizer.load_state_dict(state['optimizer_state_dict'])
 
 
@@ -142,9 +140,9 @@ class PretrainingTasks(omniglot.OmniglotTasks):
 
 
 def default_log_dir(args):
-    return (f'./logs/transfer/omniglot.way_{args.num_way}.support_{args.num_support}'
-            f'.query_{args.num_query}.lr_{args.learning_rate}.batch_size_{args.batch_size}'
-            f'.adapt_steps_{args.adapt_steps}.adapt_lr_{args.adapt_lr}')
+    return training.default_log_dir('transfer', 'omniglot', args, training.TASK_FIELDS + (
+        ('lr', 'learning_rate'), ('batch_size', 'batch_size'), ('adapt_steps', 'adapt_steps'),
+        ('adapt_lr', 'adapt_lr')))
 
 
 def parse_args(argv=None):

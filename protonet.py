@@ -21,7 +21,7 @@ class ProtoNetNetwork(nn.Module):
 
     4 blocks of [conv 3x3 -> batch norm -> ReLU -> max pool 2]: 28 -> 14 -> 7 -> 3 -> 1.
     A function of one task's images, so batch norm uses that task's statistics; ProtoNet runs
-    it on a batch's tasks one at a time or all at once (per_task).
+    it on a batch's tasks one at a time or all at once (training.per_task).
     """
 
     def __init__(self):
@@ -49,23 +49,6 @@ class ProtoNetNetwork(nn.Module):
             x = F.conv2d(*layers.autocast_inputs(x, conv.weight, conv.bias), padding='same')
             x = F.relu(F.max_pool2d(norm(x), 2))
         return x.flatten(1)
-
-
-def per_task(network, batched):
-    """network, a function of one task's examples, as a function of a batch of tasks: all at
-    once under torch.func.vmap (batched), or one task at a time. Either way batch norm in it
-    uses each task's own statistics.
-
-    Args:
-        network (callable): one task's inputs (examples, ...) -> latents (examples, latents)
-        batched (bool): vmap over the tasks, or a loop
-
-    Returns:
-        a function of inputs (num_tasks, examples, ...) -> latents (num_tasks, examples, latents)
-    """
-    if batched:
-        return torch.func.vmap(network)
-    return lambda inputs: torch.stack([network(task) for task in inputs])
 
 
 def prototype_logits(latents_support, labels_support, latents_query, num_way):
@@ -119,7 +102,7 @@ class ProtoNet(training.MetaLearner):
         self._num_way = num_way
         self._network = (learner or ProtoNetNetwork()).to(device)
         self.architecture = f'protonet/{type(self._network).__name__}'
-        self._forward = per_task(self._network, self._batched)
+        self._forward = training.per_task(self._network, self._batched)
         if compile:
             self._forward = torch.compile(self._forward, backend=backend or 'inductor')
         self._optimizer = torch.optim.Adam(self._network.parameters(), lr=learning_rate)
@@ -165,8 +148,8 @@ class ProtoNet(training.MetaLearner):
 
 
 def default_log_dir(args, dataset='omniglot'):
-    return (f'./logs/protonet/{dataset}.way_{args.num_way}.support_{args.num_support}'
-            f'.query_{args.num_query}.lr_{args.learning_rate}.batch_size_{args.batch_size}')
+    return training.default_log_dir('protonet', dataset, args, training.TASK_FIELDS + (
+        ('lr', 'learning_rate'), ('batch_size', 'batch_size')))
 
 
 def add_protonet_args(parser, num_train_iterations):

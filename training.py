@@ -325,6 +325,50 @@ def add_tasks_arg(parser):
                              'faster on this kind of device (the loop where not measured)')
 
 
+# The task shape, as every default log dir starts: (name in the log dir, flag).
+TASK_FIELDS = (('way', 'num_way'), ('support', 'num_support'), ('query', 'num_query'))
+
+
+def default_log_dir(learner, dataset, args, fields, options=()):
+    """Where a run logs without --log_dir: ./logs/{learner}/{dataset}, then .{name}_{value} for
+    each (name, flag) of fields and .{option}_True for each option flag that is set, so that
+    runs with other flags land apart.
+
+    Args:
+        learner, dataset (str): the first two parts, e.g. 'maml' and 'omniglot'
+        args (argparse.Namespace): the flags
+        fields (tuple of (str, str)): (name in the log dir, flag), in order
+        options (tuple of str): boolean flags named only when set
+    """
+    log_dir = f'./logs/{learner}/{dataset}' + ''.join(
+        f'.{name}_{getattr(args, flag)}' for name, flag in fields)
+    return log_dir + ''.join(f'.{option}_True' for option in options if getattr(args, option))
+
+
+def per_task(function, batched):
+    """function, of one task's tensors, as a function of a batch of tasks: all at once under
+    torch.func.vmap (batched), or one task at a time, its results stacked. Either way batch
+    norm in it uses each task's own statistics.
+
+    Args:
+        function (callable): tensors of one task -> a tensor or a tuple of tensors
+        batched (bool): vmap over the tasks, or a loop
+
+    Returns:
+        a function of the same tensors with a leading task dimension (num_tasks, ...) -> its
+        results with a leading task dimension
+    """
+    if batched:
+        return torch.func.vmap(function)
+
+    def loop(*inputs):
+        results = [function(*task) for task in zip(*inputs)]
+        if isinstance(results[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*results))
+        return torch.stack(results)
+    return loop
+
+
 def batched_tasks(tasks, device):
     """Whether a learner runs a batch's tasks all at once: --tasks 'batched', or 'auto' where
     AUTO_TASKS says batched for the device's type; 'loop' and unmeasured devices: one by one."""

@@ -166,6 +166,20 @@ def atomic_file(path, mode='wb'):
         raise
 
 
+def copy_into(live, saved):
+    """Copies each tensor of saved into the live tensor of the same key, in place: an optimizer
+    holding the live tensors goes on training them. (Swapping in the saved tensors, as the
+    original assignment's MAML did, leaves the optimizer updating orphans: training stops.)
+
+    Args:
+        live (dict[str, Tensor]): the learner's tensors, any device
+        saved (dict[str, Tensor]): a checkpoint's, same keys and shapes
+    """
+    with torch.no_grad():
+        for key, value in live.items():
+            value.copy_(saved[key])
+
+
 def atomic_save(obj, path):
     """torch.save(obj, path) through atomic_file."""
     with atomic_file(path) as file:

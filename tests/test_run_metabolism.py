@@ -64,7 +64,7 @@ def test_fcnet_in_protonet_equals_batch_norm_1d_applied_to_one_task_at_a_time():
     features = (torch.rand(3, 30, 1024) < torch.tensor([0.02, 0.05, 0.2]).view(3, 1, 1)).double()
     expected = torch.stack([plain(task) for task in features])
     for batched in (False, True):
-        torch.testing.assert_close(protonet.per_task(net, batched)(features), expected,
+        torch.testing.assert_close(training.per_task(net, batched)(features), expected,
                                    rtol=1e-10, atol=1e-10)
     assert (expected < 0).any()  # the leaky slope mattered
     # Statistics over all tasks at once would differ: the check above can fail.
