@@ -19,6 +19,7 @@ The scheme, the same computation as one process's (up to the order of floating-p
 import atexit
 import contextlib
 import datetime
+import functools
 import os
 
 import numpy as np
@@ -124,6 +125,28 @@ def gather(value):
     values = [None] * world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def largest(value):
+    """The largest of the processes' values of a Python int; value itself without torchrun.
+
+    Training asks this after every step (has any process had a stop signal, and which?), so
+    it runs on the host: a MAX all_reduce of one CPU integer over gloo, the training group on
+    the CPU, a gloo group of its own under NCCL. The processes' host threads meet once per step
+    (tens of microseconds on one machine) but never wait for a GPU, whereas a flag carried in
+    average_gradients' device buffer would have to be read back from the device every step."""
+    if world_size() == 1:
+        return value
+    value = torch.tensor([value])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group())
+    return int(value)
+
+
+@functools.cache
+def _host_group():
+    """The process group for host-side collectives: the default one when it is gloo (every
+    process calls this first at the same point, as new_group needs)."""
+    return None if dist.get_backend() == 'gloo' else dist.new_group(backend='gloo')
 
 
 def interleave(shares):

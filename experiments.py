@@ -11,14 +11,16 @@ Each run is the script a student would run (protonet.py, maml.py, run_metabolism
 maml_transfer.py) with the handout's flags, in its own log dir `{log_root}/{name}`, followed by
 its `--test` evaluations at its last checkpoint (for the 1-shot ProtoNet and learned-lr MAML,
 the K sweep too). A run whose last checkpoint is saved is not trained again, a stopped one
-resumes from its latest checkpoint, and a test whose result JSON exists is not repeated, so the
-command can be stopped and started again. Each run's printed output is kept in its log dir as
-console.log.
+resumes from its latest checkpoint (--resume), and a test whose result JSON exists is not
+repeated, so the command can be stopped and started again: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1
+goes on to the run in progress, which saves a checkpoint of its step and stops. Each run's
+printed output is kept in its log dir as console.log.
 """
 import argparse
 import dataclasses
 import json
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +40,8 @@ STABILITY_METHODS = {'maml': (), 'mamlpp': ('--mamlpp',)}
 STABILITY_SEEDS = (0, 1, 2)
 TINY = {'iterations': 1, 'batch_size': 2, 'test_tasks': 10}  # --scale tiny: one of everything
 # Flags that say where and how fast a run goes, not what it computes.
-PLACEMENT_FLAGS = ('log_dir', 'checkpoint_step', 'test', 'device', 'amp', 'num_workers', 'cache',
-                   'compile', 'backend', 'num_test_tasks', 'datadir', 'tasks')
+PLACEMENT_FLAGS = ('log_dir', 'checkpoint_step', 'resume', 'test', 'device', 'amp', 'num_workers',
+                   'cache', 'compile', 'backend', 'num_test_tasks', 'datadir', 'tasks')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +68,7 @@ class Run:
 
 def latest_checkpoint(log_dir):
     """The step of the newest state{step}.pt in log_dir, or -1."""
-    return max((int(path.stem.removeprefix('state')) for path in Path(log_dir).glob('state*.pt')),
-               default=-1)
+    return max(training.checkpoint_steps(log_dir), default=-1)
 
 
 def stability_name(method, seed):
@@ -235,15 +236,23 @@ class Job:
 
     def execute(self, passthrough, description):
         """Runs the command, its output appended to the run's console.log; a tqdm bar follows
-        the printed iterations."""
+        the printed iterations. A stop signal goes on to the command (in a process group of
+        its own, so that a terminal's Ctrl-C reaches it once), which saves and stops; then
+        this stops too (util.Stopped)."""
         from tqdm import tqdm
         command = self.command(passthrough)
         self.plan.log_dir.mkdir(parents=True, exist_ok=True)
         console = self.plan.log_dir / 'console.log'
+        signals = []  # those passed on
+
+        def pass_on(signum):
+            process.send_signal(signum)
+            signals.append(signum)
         with open(console, 'a') as log, \
                 tqdm(total=self.total, desc=description, unit='it', leave=True) as bar, \
-                subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) as process:
+                subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, process_group=0,
+                                 stderr=subprocess.STDOUT, text=True) as process, \
+                util.on_stop_signals(pass_on):
             log.write(f'$ {shlex.join(command[1:])}\n')
             last = ''
             for line in process.stdout:
@@ -253,6 +262,10 @@ class Job:
                     bar.update(int(line.split()[1].rstrip(':')) + 1 - bar.n)
                 elif line.startswith('Accuracy over'):
                     bar.update(self.total - bar.n)
+        if signals:
+            raise util.Stopped(f'Stopped by {signal.Signals(signals[0]).name} in '
+                               f'{self.plan.run.name}, its work saved; run the same command '
+                               'again to continue', signals[0])
         if process.returncode:
             raise util.UserError(f'{self.plan.run.name} failed ({last}); its output is in '
                                  f'{console}. Fix the cause and run again: finished work is kept')
@@ -264,7 +277,7 @@ def jobs(plan):
     work = []
     if not plan.trained():
         start = latest_checkpoint(plan.log_dir)
-        work.append(Job(plan, ['--checkpoint_step', str(start)],
+        work.append(Job(plan, ['--resume'],
                         'train' if start < 0 else f'resume at {start + 1}', plan.iterations))
     for shot, query in plan.run.tests:
         if not plan.test_result(shot, query).is_file():

@@ -21,9 +21,18 @@ On a GPU the host never waits for the device in a training step between log step
 loss and metrics stay on the device, and the host reads them every LOG_INTERVAL steps and
 before every checkpoint, where a non-finite loss of any step since the last read stops
 training before a checkpoint can hold it.
+
+A run survives being stopped: SIGTERM, SIGINT or SIGUSR1 (util.STOP_SIGNALS) ends training
+after the step in progress, whose checkpoint is written first (util.Stopped: one line and exit
+status 128 + the signal's number); a second signal ends it at once, the last whole checkpoint
+kept. `--resume` continues from the newest checkpoint that loads, by itself, as torchrun's
+restarts (--max-restarts) need.
 """
 import datetime
 import os
+import re
+import shlex
+import signal
 import sys
 
 import numpy as np
@@ -71,6 +80,7 @@ class MetaLearner:
         self._start_train_step = 0
         self._loader_states = None
         self._unread = []  # (step, _train_step's summary on the device) not yet read
+        self._signal = 0  # the stop signal received during training, 0 before one
 
     # ----- what subclasses implement -----
     def _evaluate(self, task_batch, train):
@@ -113,24 +123,50 @@ class MetaLearner:
             dataloader_train.load_state_dict(self._loader_states['train'])
             dataloader_val.load_state_dict(self._loader_states['val'])
         step = self._start_train_step
-        for step, task_batch in enumerate(dataloader_train, start=self._start_train_step):
-            self._unread.append((step, self._train_step(task_batch, step)))
-            if step % LOG_INTERVAL == 0:
-                metrics = self._read_training()
-                print(f'Iteration {step}: {self._format(metrics)}')
-                self._log(writer, 'train', metrics, step)
-                self._log_extra(writer, step)
-            if step % self._val_interval == 0:
-                metrics = self.validate(dataloader_val)
-                print(f'Validation: {self._format(metrics)}')
-                self._log(writer, 'val', metrics, step)
-            if step % self._save_interval == 0 and distributed.is_main():
-                self._read_training()
-                self._save(step, {'train': dataloader_train.state_dict(),
-                                  'val': dataloader_val.state_dict()})
+        loaders = {'train': dataloader_train, 'val': dataloader_val}
+        with util.on_stop_signals(self._on_signal):
+            for step, task_batch in enumerate(dataloader_train, start=self._start_train_step):
+                self._unread.append((step, self._train_step(task_batch, step)))
+                if step % LOG_INTERVAL == 0:
+                    metrics = self._read_training()
+                    print(f'Iteration {step}: {self._format(metrics)}')
+                    self._log(writer, 'train', metrics, step)
+                    self._log_extra(writer, step)
+                if step % self._val_interval == 0:
+                    metrics = self.validate(dataloader_val)
+                    print(f'Validation: {self._format(metrics)}')
+                    self._log(writer, 'val', metrics, step)
+                if step % self._save_interval == 0:
+                    self._save_step(step, loaders)
+                signum = distributed.largest(self._signal)  # every process stops at one step
+                if signum:
+                    self._stop(step, signum, loaders)
         self._read_training()
         writer.flush()
         return step
+
+    def _on_signal(self, signum):
+        """A stop signal during training: the first one is noted, and train stops after this
+        step (_stop); a second one raises KeyboardInterrupt wherever the process is, so that
+        a checkpoint being written goes (atomic_file) and the last whole one stays."""
+        if self._signal:
+            raise KeyboardInterrupt
+        self._signal = signum
+
+    def _save_step(self, step, loaders):
+        """Rank 0 saves step's checkpoint, after reading its training summaries (a non-finite
+        loss stops training first); loaders: {'train': TaskLoader, 'val': TaskLoader}."""
+        if distributed.is_main():
+            self._read_training()
+            self._save(step, {split: loader.state_dict() for split, loader in loaders.items()})
+
+    def _stop(self, step, signum, loaders):
+        """Saves step's checkpoint (if this step saved none) and raises util.Stopped."""
+        if step % self._save_interval:
+            self._save_step(step, loaders)
+        raise util.Stopped(f'Stopped by {signal.Signals(signum).name} after iteration {step}, '
+                           f'saved in {self._checkpoint_path(step)}; continue with: '
+                           f'{resume_command()}', signum)
 
     def _train_metric_keys(self):
         return list(self.TRAIN_METRICS or self.METRICS)
@@ -242,7 +278,8 @@ class MetaLearner:
         util.atomic_save(state, self._checkpoint_path(checkpoint_step))
 
     def load(self, checkpoint_step):
-        """Loads {log_dir}/state{checkpoint_step}.pt; training then resumes at the next step."""
+        """Loads {log_dir}/state{checkpoint_step}.pt; training then resumes at the next step.
+        A file that does not load (truncated, corrupt) raises DamagedCheckpoint."""
         path = self._checkpoint_path(checkpoint_step)
         if not os.path.isfile(path):
             raise util.UserError(f'no checkpoint at {path}; check --log_dir and --checkpoint_step')
@@ -251,9 +288,7 @@ class MetaLearner:
             # on the host (on a GPU, foreach Adam would read each back in every step).
             state = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as error:
-            raise util.UserError(f'checkpoint {path} is corrupt or unreadable '
-                                 f'({type(error).__name__}); '
-                                 'pick another --checkpoint_step') from None
+            raise DamagedCheckpoint(path, error) from None
         if not isinstance(state, dict) or state.get('architecture') != self.architecture:
             found = state.get('architecture') if isinstance(state, dict) else type(state).__name__
             raise util.UserError(
@@ -263,6 +298,50 @@ class MetaLearner:
         self._start_train_step = checkpoint_step + 1
         self._loader_states = state.get('loader_states')
         print(f'Loaded checkpoint iteration {checkpoint_step}.')
+
+    def resume(self):
+        """Loads the newest checkpoint in the log dir that loads, saying so in one line for
+        each damaged one passed over; returns its step, or -1 (and says so) if there is none.
+        Under torchrun every process reads the same files, so loads the same one."""
+        for step in sorted(checkpoint_steps(self._log_dir), reverse=True):
+            try:
+                self.load(step)
+                return step
+            except DamagedCheckpoint as damaged:
+                print(f'Checkpoint {damaged.path} is damaged ({damaged.reason}); '
+                      'trying the one before it.')
+        print(f'No checkpoint in {self._log_dir} to resume from; starting fresh.')
+        return -1
+
+
+class DamagedCheckpoint(util.UserError):
+    """A checkpoint file that exists but does not load: truncated (a full disk, a killed
+    copy) or corrupt."""
+
+    def __init__(self, path, error):
+        self.path, self.reason = path, type(error).__name__
+        super().__init__(f'checkpoint {path} is corrupt or unreadable ({self.reason}); '
+                         'pick another --checkpoint_step, or --resume to take the newest '
+                         'one that loads')
+
+
+def checkpoint_steps(log_dir):
+    """The steps of the checkpoints state{step}.pt in log_dir (none if it is missing); the
+    temp files a killed save leaves (.tmp_*) are not checkpoints."""
+    names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
+    return [int(match[1]) for name in names if (match := re.fullmatch(r'state(\d+)\.pt', name))]
+
+
+def resume_command():
+    """This run's command line with --resume for any --checkpoint_step: what continues it
+    (a torchrun line with as many processes under torchrun)."""
+    argv = sys.argv[1:]
+    kept = [arg for i, arg in enumerate(argv) if not arg.startswith('--checkpoint_step')
+            and not (i and argv[i - 1] == '--checkpoint_step')]
+    launcher = (['torchrun', f'--nproc_per_node={distributed.world_size()}']
+                if distributed.launched() else ['python'])
+    resume = [] if '--resume' in kept else ['--resume']
+    return shlex.join([*launcher, sys.argv[0], *kept, *resume])
 
 
 def scalar_tag(split, key):
@@ -303,6 +382,9 @@ def add_common_args(parser, num_train_iterations, batch='tasks per outer-loop up
     parser.add_argument('--checkpoint_step', type=int, default=-1,
                         help=('checkpoint iteration to load for resuming '
                               'training, or for evaluation (-1 is ignore)'))
+    parser.add_argument('--resume', action='store_true',
+                        help='continue from the newest checkpoint in the log dir that loads '
+                             '(start fresh if there is none)')
     parser.add_argument('--num_workers', type=int, default=2,
                         help='accepted for compatibility; tasks are sampled in memory')
     parser.add_argument('--cache', action='store_true', help='only prepare the data set, then exit')
@@ -393,6 +475,9 @@ def check_common_args(args):
     if args.checkpoint_step < -1:
         raise util.UserError(f'--checkpoint_step must be -1 (start fresh) or a saved step, '
                              f'got {args.checkpoint_step}')
+    if args.resume and (args.test or args.checkpoint_step > -1):
+        raise util.UserError('--resume continues training from the newest checkpoint; it '
+                             'takes neither --checkpoint_step nor --test')
     if not args.test:
         distributed.check_divides(args.batch_size)
     if args.test and args.checkpoint_step == -1:
@@ -424,8 +509,11 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
     print(f'log_dir: {log_dir}')
     util.seed_everything(args.seed)
     learner = build_learner(log_dir, device)
-    if args.checkpoint_step > -1:
-        learner.load(args.checkpoint_step)
+    start = args.checkpoint_step  # the checkpoint loaded, -1 for none
+    if args.resume:
+        start = learner.resume()
+    elif start > -1:
+        learner.load(start)
     else:
         print('Checkpoint loading skipped.')
     if args.test:
@@ -433,7 +521,7 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
         if distributed.is_main():
             write_test_result(args, log_dir, *result)
         return result
-    num_training_tasks = args.batch_size * (args.num_train_iterations - args.checkpoint_step - 1)
+    num_training_tasks = args.batch_size * max(0, args.num_train_iterations - start - 1)
     dataloader_train = task_source.loader('train', args.batch_size, num_training_tasks, device)
     dataloader_val = task_source.loader('val', args.batch_size,
                                         num_val_tasks or args.batch_size * 4, device)

@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -20,6 +21,10 @@ TORCHRUN_ERROR_WAIT_SECONDS = 5  # torchrun checks its processes every 0.1 s
 CUBLAS_WORKSPACE = ':4096:8'  # what deterministic cuBLAS needs (CUDA's reproducibility notes)
 BF16_MIN_CAPABILITY = 8  # bfloat16 arithmetic from Ampere (compute capability 8.0) on
 MIN_PYTHON = (3, 11)  # what requirements.txt installs on (numpy 2.4, Pillow 13, matplotlib 3.11)
+# What ends a run early, its checkpoint saved: a terminal's Ctrl-C, what spot machines,
+# notebook services and schedulers send before they stop a job, what clusters send before a
+# time limit (Slurm's --signal=USR1@SECONDS).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def check_python(version):
@@ -41,6 +46,30 @@ class UserError(Exception):
 
     `cli` prints it as one line and exits with status 2; bugs still raise normally.
     """
+
+
+class Stopped(Exception):
+    """A run stopped by one of STOP_SIGNALS after saving its work; `cli` prints the message
+    (where RANK is 0, once under torchrun) and exits with status 128 + the signal's number,
+    as a shell reports a process that the signal ended (SIGTERM 143, SIGINT 130, SIGUSR1 138).
+    """
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.status = 128 + signum
+
+
+@contextlib.contextmanager
+def on_stop_signals(handler):
+    """Calls handler(signum) on each of STOP_SIGNALS in the block, instead of ending the
+    process; the previous handlers come back after it. Main thread only, as Python's signals."""
+    previous = {signum: signal.signal(signum, lambda signum, frame: handler(signum))
+                for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def score(logits, labels):
@@ -161,8 +190,9 @@ def atomic_file(path, mode='wb'):
         with os.fdopen(fd, mode) as file:
             yield file
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException:  # a signal's KeyboardInterrupt can come after the rename, too
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 
@@ -210,6 +240,10 @@ def cli(main):
             time.sleep(TORCHRUN_ERROR_WAIT_SECONDS)
         print(f'error: {error}', file=sys.stderr)
         sys.exit(2)
+    except Stopped as stop:
+        if os.environ.get('RANK', '0') == '0':
+            print(stop, file=sys.stderr)
+        sys.exit(stop.status)
     except KeyboardInterrupt:
         print('Interrupted; the last checkpoint written is intact.', file=sys.stderr)
         sys.exit(130)
