@@ -30,7 +30,7 @@ class TaskBatchNorm(nn.Module):
 
     def forward(self, x):
         """x: one task's (examples, channels, *spatial) -> same shape, with its own statistics."""
-        return F.batch_norm(x, None, None, *like(x, self.weight, self.bias), training=True,
+        return F.batch_norm(x, None, None, *in_dtype_of(x, self.weight, self.bias), training=True,
                             eps=self.eps)
 
 
@@ -67,7 +67,7 @@ def at_least_float32(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def like(x, *tensors):
+def in_dtype_of(x, *tensors):
     """tensors (batch norm's weight and bias, or None) in x's dtype: bfloat16 under autocast,
     where vmap's batch norm needs one dtype for all (see autocast_inputs)."""
     return tuple(None if t is None else t.to(x.dtype) for t in tensors)
@@ -130,7 +130,7 @@ def exact_dtype(device):
     return torch.float32 if device.type in DEVICES_WITHOUT_FLOAT64 else torch.float64
 
 
-def for_hidden_layers(x):
+def hidden_layers_format(x):
     """The first layer's output x (channels_last, as conv_batch_norm returns it) in the memory
     format for the layers after it.
 

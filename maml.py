@@ -11,7 +11,8 @@ gradient of their own term, d phi^L / d alpha_k = -(sum over steps of g_k), as f
 Meta-SGD / MAML++ do.
 
 MAML++ (Antoniou, Edwards, Storkey, "How to train your MAML", ICLR 2019) is five options of the
-same learner, held in PlusPlus; with all of them off, the learner runs plain MAML's operations.
+same learner, held in MAMLPlusPlus; with all of them off, the learner runs plain MAML's
+operations.
 """
 import argparse
 import functools
@@ -39,7 +40,7 @@ MIN_OUTER_LR = 1e-5  # cosine annealing of the outer learning rate down to 'min_
 
 
 @dataclass
-class PlusPlus:
+class MAMLPlusPlus:
     """The MAML++ options; the defaults (all off) are plain MAML.
 
     Attributes:
@@ -104,7 +105,7 @@ def embed(parameters, images, norms=None):
         x = F.conv2d(*layers.autocast_inputs(x, parameters[f'conv{i}'], parameters[f'b{i}']),
                      stride=1, padding='same')
         weight, bias = (norms[f'gamma{i}'], norms[f'beta{i}']) if norms else (None, None)
-        x = F.batch_norm(x, None, None, *layers.like(x, weight, bias), training=True)
+        x = F.batch_norm(x, None, None, *layers.in_dtype_of(x, weight, bias), training=True)
         x = F.relu(x)
     return x.mean(dim=(2, 3))
 
@@ -175,7 +176,7 @@ def adapt(parameters, inner_lrs, images, labels, num_steps, gradient, norms=None
         gradient (callable): (parameters, images, labels, norms) -> (the gradients of
             loss_and_logits, one tensor per parameter in the dict's order; the logits)
         norms (list of dict or None): forward's norms at step i are norms[i], and after the
-            last step norms[-1] (per_step makes them); None: no affine at any step
+            last step norms[-1] (step_norm_rows makes them); None: no affine at any step
 
     Returns:
         the weights before the first step and after each step, num_steps + 1 dicts
@@ -184,7 +185,7 @@ def adapt(parameters, inner_lrs, images, labels, num_steps, gradient, norms=None
         the last step's gradients, a tuple with one tensor per parameter in the dict's order
             (empty when num_steps is 0)
     """
-    norms = norms or per_step({}, num_steps)
+    norms = norms or step_norm_rows({}, num_steps)
     trajectory, logits, gradients = [parameters], [], ()
     for step in range(num_steps):
         gradients, step_logits = gradient(parameters, images, labels, norms[step])
@@ -203,7 +204,7 @@ def query_loss(trajectory, norms, images, labels, loss_weights=None):
 
     Args:
         trajectory (list of dict): adapt's weights before and after each inner step
-        norms (list): the per-step batch-norm rows adapt used (per_step)
+        norms (list): the per-step batch-norm rows adapt used (step_norm_rows)
         images (Tensor): query images, shape (N*Q, 1, height, width)
         labels (Tensor): query labels, shape (N*Q,)
         loss_weights (list of float or None): one weight per inner step
@@ -232,7 +233,7 @@ def task_objective(images_support, labels_support, images_query, labels_query, *
         images_query (Tensor): shape (N*Q, 1, height, width)
         labels_query (Tensor): int64, shape (N*Q,)
         parameters, inner_lrs, num_steps, gradient: as adapt takes them
-        norms (list): per_step's rows, one per inner step
+        norms (list): step_norm_rows's rows, one per inner step
         loss_weights (list of float or None): as query_loss takes them
 
     Returns:
@@ -266,7 +267,7 @@ def cosine_learning_rate(step, num_steps, initial, final):
     return final + (initial - final) * (1 + math.cos(math.pi * step / num_steps)) / 2
 
 
-def per_step(norms, num_steps):
+def step_norm_rows(norms, num_steps):
     """MAML++'s per-step batch-norm parameters {name: (rows, 32)} as the list of
     max(num_steps, 1) rows {name: (32,)} that adapt and forward take, one per inner step (the
     last also after it); all None (no affine) when norms is empty."""
@@ -284,7 +285,7 @@ class MAML(training.MetaLearner):
 
     def __init__(self, num_outputs, num_inner_steps, inner_lr, learn_inner_lrs, outer_lr,
                  log_dir, device, first_order=False, val_interval=None, save_interval=None,
-                 amp='none', plus=PlusPlus(), tasks='loop'):
+                 amp='none', maml_plus_plus=MAMLPlusPlus(), tasks='loop'):
         """Inits MAML.
 
         The network's weights are stored as a dict of leaf tensors, `_meta_parameters`, and the
@@ -306,15 +307,16 @@ class MAML(training.MetaLearner):
             first_order (bool): first-order MAML: no gradient through the inner gradients
             val_interval, save_interval (int): steps between validations / checkpoints
             amp (str): 'bf16' for bfloat16 autocast (--amp), 'none' for float32
-            plus (PlusPlus): the MAML++ options; all off by default
+            maml_plus_plus (MAMLPlusPlus): the MAML++ options; all off by default
             tasks (str): 'loop', 'batched' or 'auto' (--tasks; training.batched_tasks)
         """
         super().__init__(log_dir, device, val_interval, save_interval, amp=amp, tasks=tasks)
         self._meta_parameters = {key: value.to(device).requires_grad_()
                                  for key, value in init_parameters(num_outputs).items()}
-        lr_shape = (num_inner_steps,) if plus.per_step_inner_lrs else ()
+        lr_shape = (num_inner_steps,) if maml_plus_plus.per_step_inner_lrs else ()
+        self._learn_inner_lrs = learn_inner_lrs or maml_plus_plus.per_step_inner_lrs
         self._inner_lrs = {key: torch.full(lr_shape, float(inner_lr), device=device,
-                                           requires_grad=learn_inner_lrs or plus.per_step_inner_lrs)
+                                           requires_grad=self._learn_inner_lrs)
                            for key in self._meta_parameters}
         # MAML++'s per-step batch norm: row i serves inner step i, the last row after the last.
         rows = max(num_inner_steps, 1)
@@ -322,11 +324,10 @@ class MAML(training.MetaLearner):
                                                      device=device, requires_grad=True)
                             for i in range(NUM_CONV_LAYERS)
                             for name, value in (('gamma', 1.0), ('beta', 0.0))
-                            } if plus.per_step_bn else {}
+                            } if maml_plus_plus.per_step_bn else {}
         self._num_inner_steps = num_inner_steps
-        self._learn_inner_lrs = learn_inner_lrs or plus.per_step_inner_lrs
         self._first_order = first_order
-        self._plus = plus
+        self._maml_plus_plus = maml_plus_plus
         self._outer_lr = outer_lr
         self._iteration = 0  # the training iteration, for what MAML++ anneals
         self._optimizer = torch.optim.Adam(
@@ -373,34 +374,36 @@ class MAML(training.MetaLearner):
         return parameters, [util.score(step_logits, labels) for step_logits in logits], gradients
 
     def _norm_rows(self, train):
-        """The per-step batch-norm rows that adapt and the query loss use (per_step), detached
+        """The per-step batch-norm rows that adapt and the query loss use (step_norm_rows), detached
         in evaluation; built once per batch of tasks."""
         norms = self._step_norms
         if not train:
             norms = {key: value.detach() for key, value in norms.items()}
-        return per_step(norms, self._num_inner_steps)
+        return step_norm_rows(norms, self._num_inner_steps)
 
     def _second_order(self):
         """Second order unless --first_order, or MAML++'s derivative-order annealing is still
         in its first-order part."""
-        return not self._first_order and self._iteration >= self._plus.first_order_iterations
+        return (not self._first_order
+                and self._iteration >= self._maml_plus_plus.first_order_iterations)
 
     def _multi_step_loss_weights(self):
         """The query-loss weight of each inner step at this iteration, or None: multi-step loss
         off, or its annealing over."""
-        if not self._num_inner_steps or self._iteration >= self._plus.msl_iterations:
+        if not self._num_inner_steps or self._iteration >= self._maml_plus_plus.msl_iterations:
             return None
         return multi_step_loss_weights(self._num_inner_steps,
-                                       self._iteration / self._plus.msl_iterations)
+                                       self._iteration / self._maml_plus_plus.msl_iterations)
 
     def _train_step(self, task_batch, step):
         """Sets what MAML++ anneals by iteration (derivative order, loss weights, outer learning
         rate), then the shared training step."""
         self._iteration = step
-        if self._plus.cosine_iterations:
-            learning_rate = cosine_learning_rate(min(step, self._plus.cosine_iterations),
-                                                 self._plus.cosine_iterations, self._outer_lr,
-                                                 self._plus.min_outer_lr)
+        options = self._maml_plus_plus
+        if options.cosine_iterations:
+            learning_rate = cosine_learning_rate(min(step, options.cosine_iterations),
+                                                 options.cosine_iterations, self._outer_lr,
+                                                 options.min_outer_lr)
             for group in self._optimizer.param_groups:
                 group['lr'] = learning_rate
         return super()._train_step(task_batch, step)
@@ -461,7 +464,7 @@ class MAML(training.MetaLearner):
                     continue
                 for inner_step, learning_rate in enumerate(value.tolist()):
                     writer.add_scalar(f'inner_lrs/{key}/step_{inner_step}', learning_rate, step)
-        if self._plus.cosine_iterations:
+        if self._maml_plus_plus.cosine_iterations:
             writer.add_scalar('outer_lr', self._optimizer.param_groups[0]['lr'], step)
 
     def _checkpoint_state(self):
@@ -489,10 +492,10 @@ def default_log_dir(args):
             ('batch_size', 'batch_size')), options=('first_order', 'mamlpp', *MAMLPP_OPTIONS))
 
 
-def plus_plus(args):
+def maml_plus_plus(args):
     """The MAML++ options the flags ask for (--mamlpp: all five), in iterations."""
     on = {option: args.mamlpp or getattr(args, option) for option in MAMLPP_OPTIONS}
-    return PlusPlus(
+    return MAMLPlusPlus(
         msl_iterations=round(MSL_FRACTION * args.num_train_iterations) * on['multi_step_loss'],
         first_order_iterations=(round(FIRST_ORDER_FRACTION * args.num_train_iterations)
                                 * on['derivative_order_annealing']),
@@ -513,26 +516,26 @@ def add_maml_args(parser, num_train_iterations):
                         help='outer-loop learning rate')
     parser.add_argument('--first_order', default=False, action='store_true',
                         help='first-order MAML: no gradient through the inner gradients')
-    plus = parser.add_argument_group(
+    group = parser.add_argument_group(
         'MAML++ (Antoniou et al., "How to train your MAML", ICLR 2019); the defaults come from '
         "the paper and its Omniglot configurations; --num_train_iterations sets the annealing "
         'lengths, so keep it when resuming')
-    plus.add_argument('--mamlpp', action='store_true', help='all five options below')
-    plus.add_argument('--multi_step_loss', action='store_true',
+    group.add_argument('--mamlpp', action='store_true', help='all five options below')
+    group.add_argument('--multi_step_loss', action='store_true',
                       help='the query loss after every inner step, weighted; the weights anneal '
                            f'to the last step over the first {MSL_FRACTION:.0%}% of training (the '
                            'paper: 20 of 250 epochs), then the last step alone')
-    plus.add_argument('--derivative_order_annealing', action='store_true',
+    group.add_argument('--derivative_order_annealing', action='store_true',
                       help=f'first order for the first {FIRST_ORDER_FRACTION:.0%}% of training, '
                            'second order after (the paper: its first 50 epochs; the '
                            'fraction is ours)')
-    plus.add_argument('--per_step_inner_lrs', action='store_true',
+    group.add_argument('--per_step_inner_lrs', action='store_true',
                       help='a learned inner learning rate per layer and inner step, initialised '
                            'to --inner_lr (the paper initialised 0.1)')
-    plus.add_argument('--per_step_bn', action='store_true',
+    group.add_argument('--per_step_bn', action='store_true',
                       help='learned batch-norm weights and biases per inner step (initialised '
                            '1 and 0); statistics stay each batch\'s own')
-    plus.add_argument('--cosine_outer_lr', action='store_true',
+    group.add_argument('--cosine_outer_lr', action='store_true',
                       help='cosine annealing of the outer learning rate from --outer_lr to '
                            f'{MIN_OUTER_LR:g} over training (the paper\'s min_learning_rate)')
 
@@ -547,7 +550,7 @@ def main(args):
                   lambda log_dir, device: MAML(
                       args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs,
                       args.outer_lr, log_dir, device, args.first_order, amp=args.amp,
-                      plus=plus_plus(args), tasks=args.tasks),
+                      maml_plus_plus=maml_plus_plus(args), tasks=args.tasks),
                   default_log_dir(args))
 
 

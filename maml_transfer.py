@@ -8,6 +8,7 @@ the meta-train characters (one 1100-way task, omniglot.ClassifierImages); valida
 `--test` are few-shot tasks of the val and test characters, adapted by `transfer_learn`.
 """
 import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ import util
 NUM_CLASSES = omniglot.NUM_TRAIN_CLASSES
 
 
-def transfer_learn(parameters, task_batch, num_steps, learning_rate):
+def transfer_learn(parameters, task_batch, num_steps, learning_rate, batched=False):
     """Fits a new linear classifier on the frozen convolutional layers to each task's support
     set with num_steps steps of gradient descent from zero, and scores its query set; all the
     batch's tasks at once.
@@ -39,6 +40,8 @@ def transfer_learn(parameters, task_batch, num_steps, learning_rate):
             (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,)), labels 0..N-1
         num_steps (int): gradient steps on the support loss
         learning_rate (float): their step size
+        batched (bool): embed the tasks all at once (torch.func.vmap) or one at a time, each
+            with its own batch statistics (training.per_task)
 
     Returns:
         query losses, support accuracies and query accuracies after adaptation, each a tensor
@@ -46,11 +49,11 @@ def transfer_learn(parameters, task_batch, num_steps, learning_rate):
     """
     images_support, labels_support, images_query, labels_query = (
         torch.stack(part) for part in zip(*task_batch))
-    embed = torch.func.vmap(maml.embed, in_dims=(None, 0))  # each task's own batch statistics
+    parameters = {key: value.detach() for key, value in parameters.items()}
+    embed = training.per_task(functools.partial(maml.embed, parameters), batched)
     with torch.no_grad():
-        parameters = {key: value.detach() for key, value in parameters.items()}
-        inputs_support = with_ones(layers.at_least_float32(embed(parameters, images_support)))
-        inputs_query = with_ones(layers.at_least_float32(embed(parameters, images_query)))
+        inputs_support = with_ones(layers.at_least_float32(embed(images_support)))
+        inputs_query = with_ones(layers.at_least_float32(embed(images_query)))
         num_way = int(labels_support.max()) + 1
         targets = layers.one_hot(labels_support, num_way, inputs_support.dtype)
         # [weight | bias] of each task's classifier, shape (num_tasks, num_way, features + 1)
@@ -117,7 +120,7 @@ class TransferLearner(training.MetaLearner):
                     {'accuracy': util.accuracy_per_task(logits[None], labels[None])})
         task_batch = [[part.to(self._device) for part in task] for task in task_batch]
         losses, support, query = transfer_learn(self._parameters, task_batch, self._adapt_steps,
-                                                self._adapt_lr)
+                                                self._adapt_lr, self._batched)
         return losses.mean(), {'post_adapt_support': support, 'post_adapt_query': query}
 
     def _checkpoint_state(self):

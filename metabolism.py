@@ -17,7 +17,7 @@ from rdkit import Chem, rdBase
 from rdkit.Chem import rdFingerprintGenerator
 from tqdm import tqdm
 
-import tasks
+import sampling
 import util
 from util import UserError, check_positive
 
@@ -227,7 +227,7 @@ def checked(data, path):
     return result
 
 
-# ----- sampling tasks (tasks.py: the contract) -----
+# ----- sampling tasks (sampling.py: the contract) -----
 class MetabolismDataset:
     """Binary tasks of one split, indexed by data set: a task draws distinct molecules per class.
 
@@ -260,7 +260,7 @@ class MetabolismDataset:
                                                       generator=self._generator)[:num_molecules]]
                             for class_rows in self._class_rows[set_idx]])
 
-    def tasks(self, set_idxs):
+    def make_tasks(self, set_idxs):
         """Builds one task per entry of set_idxs.
 
         Args:
@@ -314,17 +314,17 @@ def metabolism_task_loader(data, split, batch_size, num_way, num_support, num_qu
     names = SPLIT_SETS[split]
     check_task_shape(data, names, num_way, num_support, num_query)
     check_positive(batch_size=batch_size)
-    generator = tasks.split_generator(seed, split)
+    generator = sampling.split_generator(seed, split)
     features = [torch.from_numpy(data[name]['feature']).to(device) for name in names]
     labels = [torch.from_numpy(data[name]['label']) for name in names]
     dataset = MetabolismDataset(features, labels, num_support, num_query, generator)
-    sampler = tasks.UniformSampler(len(names), generator)
-    return tasks.TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size,
+    sampler = sampling.UniformSampler(len(names), generator)
+    return sampling.TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size,
                             generator)
 
 
 class MetabolismTasks:
-    """TDC Metabolism as the one main body (training.main) samples it: a task source (tasks.py).
+    """TDC Metabolism as the one main body (training.main) samples it: a task source (sampling.py).
 
     The task shape is checked here, before any data is loaded or downloaded.
 

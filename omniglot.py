@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import tasks
+import sampling
 import util
 from util import UserError
 
@@ -32,7 +32,7 @@ OFFICIAL_URL = 'https://github.com/brendenlake/omniglot/raw/master/python'
 # The official archives' md5 sums, as published with the data set (torchvision checks the same).
 OFFICIAL_MD5 = {'images_background.zip': '68d2efa1b9178cc56df9314c21c6e718',
                 'images_evaluation.zip': '6b91aef0f799c5bb55b94e3f2daec811'}
-SPLITS = tasks.SPLIT_NUMBERS  # train, val, test: their order in the shuffled characters
+SPLITS = sampling.SPLIT_NUMBERS  # train, val, test: their order in the shuffled characters
 MIRROR_FIX = 'set OMNIGLOT_MIRROR to a folder or file:// URL holding the two official zips'
 
 
@@ -90,7 +90,7 @@ def read_resized_folder(folder):
     return characters
 
 
-def validate(characters, source):
+def check_characters(characters, source):
     """Checks 50 alphabets, 1623 characters, 20 images each; a clear error otherwise."""
     alphabets = {name.split('/')[0] for name in characters}
     fix = f'{source} is incomplete or not Omniglot; delete it and run again to fetch it anew'
@@ -126,7 +126,7 @@ def prepare(folder=None):
         characters, source = {}, ' and '.join(str(path) for path in paths)
         for path in paths:
             characters.update(read_zip(path))
-    validate(characters, source)
+    check_characters(characters, source)
     images = np.stack([np.stack(characters[name]) for name in sorted(characters)])
     with util.atomic_file(cache) as file:
         np.save(file, images)
@@ -143,7 +143,7 @@ def split_classes(split):
     return order[bounds[SPLITS[split]]:bounds[SPLITS[split] + 1]]
 
 
-# ----- sampling tasks (tasks.py: the contract) -----
+# ----- sampling tasks (sampling.py: the contract) -----
 class OmniglotDataset(torch.utils.data.Dataset):
     """Omniglot tasks, indexed by a tuple of class indices as in the assignment.
 
@@ -162,9 +162,9 @@ class OmniglotDataset(torch.utils.data.Dataset):
         self._num_query = num_query
         images = torch.from_numpy(prepare()) if images is None else images
         self._images = images.flatten(0, 1)  # (1623 * 20, 28, 28): one row per image
-        self._generator = generator or tasks.generator_from_torch_seed()
+        self._generator = generator or sampling.generator_from_torch_seed()
 
-    def tasks(self, class_idxs):
+    def make_tasks(self, class_idxs):
         """Builds one task per row of class_idxs: one gather for the support sets, one for the
         query sets, each straight into its final layout.
 
@@ -203,8 +203,9 @@ class OmniglotDataset(torch.utils.data.Dataset):
         return images.view(rows.shape[0], -1, 1, IMAGE_SIZE, IMAGE_SIZE)
 
     def __getitem__(self, class_idxs):
-        """The assignment's interface to tasks(): class_idxs (num_way ints) -> one task tuple."""
-        return self.tasks(torch.as_tensor(np.asarray(class_idxs)).view(1, -1))[0]
+        """The assignment's interface to make_tasks(): class_idxs (num_way ints) -> one task
+        tuple."""
+        return self.make_tasks(torch.as_tensor(np.asarray(class_idxs)).view(1, -1))[0]
 
 
 class OmniglotSampler(torch.utils.data.Sampler):
@@ -224,7 +225,7 @@ class OmniglotSampler(torch.utils.data.Sampler):
         self._split_idxs = torch.as_tensor(np.asarray(split_idxs))
         self._num_way = num_way
         self._num_tasks = num_tasks
-        self._generator = generator or tasks.generator_from_torch_seed()
+        self._generator = generator or sampling.generator_from_torch_seed()
 
     def sample(self, num_tasks):
         """Class indices of num_tasks tasks, shape (num_tasks, num_way)."""
@@ -253,7 +254,7 @@ class ClassifierImages:
         classes = torch.as_tensor(split_idxs, device=images.device)
         self._images = images.index_select(0, classes).flatten(0, 1)  # (classes * 20, 28, 28)
 
-    def tasks(self, image_idxs):
+    def make_tasks(self, image_idxs):
         """image_idxs (int64, shape (batch,)) into the split's images -> [(images (batch, 1, 28,
         28) in torch's default dtype, labels (batch,) int64)]."""
         rows = image_idxs.to(self._images.device, non_blocking=True)
@@ -265,10 +266,10 @@ def get_image_dataloader(split, batch_size, num_images_per_epoch, seed=0, device
     """A TaskLoader of num_images_per_epoch // batch_size batches of a split's images for
     pre-training a classifier, each [(images (batch_size, 1, 28, 28), labels (batch_size,))]."""
     split_idxs = split_classes(split)
-    generator = tasks.split_generator(seed, split)
+    generator = sampling.split_generator(seed, split)
     dataset = ClassifierImages(images_on(str(device)), split_idxs)
-    sampler = tasks.UniformSampler(len(split_idxs) * NUM_SAMPLES_PER_CLASS, generator)
-    return tasks.TaskLoader(dataset, sampler, batch_size, num_images_per_epoch // batch_size,
+    sampler = sampling.UniformSampler(len(split_idxs) * NUM_SAMPLES_PER_CLASS, generator)
+    return sampling.TaskLoader(dataset, sampler, batch_size, num_images_per_epoch // batch_size,
                             generator)
 
 
@@ -313,15 +314,15 @@ def get_omniglot_dataloader(split, batch_size, num_way, num_support, num_query,
     check_task_shape(num_way, num_support, num_query, len(split_idxs), split)
     if batch_size < 1:
         raise UserError(f'--batch_size must be at least 1, got {batch_size}')
-    generator = tasks.split_generator(seed, split)
+    generator = sampling.split_generator(seed, split)
     dataset = OmniglotDataset(num_support, num_query, images_on(str(device)), generator)
     sampler = OmniglotSampler(split_idxs, num_way, num_tasks_per_epoch, generator)
-    return tasks.TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size,
+    return sampling.TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size,
                             generator)
 
 
 class OmniglotTasks:
-    """Omniglot as the one main body (training.main) samples it: a task source (tasks.py).
+    """Omniglot as the one main body (training.main) samples it: a task source (sampling.py).
 
     Args:
         num_way, num_support, num_query (int): the task shape

@@ -44,7 +44,7 @@ class ProtoNetNetwork(nn.Module):
         x = layers.conv_batch_norm(images, first_conv.weight, first_conv.bias,
                                    first_norm.weight, first_norm.bias, first_norm.eps)
         x = F.relu(F.max_pool2d(x, 2))
-        x = layers.for_hidden_layers(x)
+        x = layers.hidden_layers_format(x)
         for conv, norm in rest:
             x = F.conv2d(*layers.autocast_inputs(x, conv.weight, conv.bias), padding='same')
             x = F.relu(F.max_pool2d(norm(x), 2))

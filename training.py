@@ -14,7 +14,7 @@ A learner (ProtoNet, MAML, ...) subclasses MetaLearner and supplies only
 and an Adam optimizer in self._optimizer. Everything else lives here, once, including the
 opt-in reduced precision (`amp`, from --amp): bfloat16 autocast around every `_evaluate`.
 A script's main() checks its flags, then calls `main` below with its data set's task source
-(tasks.py) and a function that builds its learner. Launched by torchrun, every process runs
+(sampling.py) and a function that builds its learner. Launched by torchrun, every process runs
 the same loop on the same batches, each on its share of them (distributed.py).
 
 On a GPU the host never waits for the device in a training step between log steps: a step's
@@ -491,7 +491,7 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
         args (argparse.Namespace): flags parsed with add_common_args (and the script's own),
             already checked
         task_source: the data set's task source, with prepare() and loader(split, batch_size,
-            num_tasks, device) (tasks.py)
+            num_tasks, device) (sampling.py)
         build_learner (callable): (log_dir, device) -> MetaLearner
         default_log_dir (str): the log dir named after the flags, used without --log_dir
         num_val_tasks (int): tasks per validation; default batch_size * 4, as the course

@@ -123,7 +123,7 @@ def test_mamlpp_options_alone_and_together_train_through_maml_py(tmp_path, optio
     is the pre-adaptation one)."""
     args = parse(maml.add_maml_args, *TASKS, *options, '--num_inner_steps', num_inner_steps,
                  '--num_train_iterations', 7, '--log_dir', tmp_path)
-    plus = maml.plus_plus(args)
+    plus = maml.maml_plus_plus(args)
     printed = quietly(maml.main, args)
     state = trained_finite(tmp_path, ['meta_parameters', 'inner_lrs'])
     rows = max(num_inner_steps, 1)

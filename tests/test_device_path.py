@@ -26,7 +26,7 @@ import maml
 import maml_transfer
 import protonet
 import run_metabolism
-import tasks
+import sampling
 import training
 
 # Operations whose result the host must wait for: a scalar, or a data-dependent size.
@@ -79,7 +79,7 @@ def watching(recorder, monkeypatch):
                 recorder.waits[_name] += 1
             return _original(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, method, recording)
-    iterate = tasks.TaskLoader.__iter__
+    iterate = sampling.TaskLoader.__iter__
 
     def unwatched_batches(loader):
         batches = iterate(loader)
@@ -89,7 +89,7 @@ def watching(recorder, monkeypatch):
             if batch is None:
                 return
             yield batch
-    monkeypatch.setattr(tasks.TaskLoader, '__iter__', unwatched_batches)
+    monkeypatch.setattr(sampling.TaskLoader, '__iter__', unwatched_batches)
     hooks = [register_optimizer_step_pre_hook(lambda *_: setattr(recorder, 'watching', False)),
              register_optimizer_step_post_hook(lambda *_: setattr(recorder, 'watching', True))]
     try:

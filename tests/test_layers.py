@@ -65,9 +65,9 @@ def test_float32_is_at_least_as_accurate_as_conv_then_batch_norm():
 def test_bfloat16_autocast_runs_the_product_in_bfloat16_and_switches_to_channels_last():
     images, parameters = inputs(channels=16, dtype=torch.float32)
     expected = plain(images, *parameters)
-    assert layers.for_hidden_layers(layers.conv_batch_norm(images, *parameters)).is_contiguous()
+    assert layers.hidden_layers_format(layers.conv_batch_norm(images, *parameters)).is_contiguous()
     with torch.autocast('cpu', torch.bfloat16):
         ours = layers.conv_batch_norm(images, *parameters)
-        assert layers.for_hidden_layers(ours).is_contiguous(memory_format=torch.channels_last)
+        assert layers.hidden_layers_format(ours).is_contiguous(memory_format=torch.channels_last)
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), expected, rtol=2e-2, atol=5e-2)

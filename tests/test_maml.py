@@ -247,8 +247,8 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def train(log_dir, num_iterations, checkpoint_step, save_interval, plus=maml.PlusPlus(),
-          num_inner_steps=1):
+def train(log_dir, num_iterations, checkpoint_step, save_interval,
+          maml_plus_plus=maml.MAMLPlusPlus(), num_inner_steps=1):
     """Trains a tiny MAML through training.main, as maml.main does; returns it."""
     args = parse(['--log_dir', str(log_dir), '--num_way', '3', '--num_support', '1',
                   '--num_query', '2', '--batch_size', '2', '--learn_inner_lrs',
@@ -260,7 +260,7 @@ def train(log_dir, num_iterations, checkpoint_step, save_interval, plus=maml.Plu
     def build(log_dir, device):
         models.append(maml.MAML(args.num_way, args.num_inner_steps, args.inner_lr,
                                 args.learn_inner_lrs, 0.01, log_dir, device,
-                                save_interval=save_interval, plus=plus))
+                                save_interval=save_interval, maml_plus_plus=maml_plus_plus))
         return models[0]
     training.main(args, omniglot.OmniglotTasks(args.num_way, args.num_support, args.num_query,
                                                args.seed), build, 'unused')
@@ -349,7 +349,8 @@ def plus_model(tmp_path, num_inner_steps, plus, first_order=False):
     """A float64 MAML with the given MAML++ options, seeded."""
     torch.manual_seed(0)
     return reference.maml_in_float64(maml.MAML(NUM_WAY, num_inner_steps, 0.4, False, 0.001,
-                                               str(tmp_path), 'cpu', first_order, plus=plus))
+                                               str(tmp_path), 'cpu', first_order,
+                                               maml_plus_plus=plus))
 
 
 def weights_after_each_step(parameters, lrs, images, labels, num_steps):
@@ -369,7 +370,7 @@ def test_multi_step_loss_weights_worked_out_by_hand():
 
 def test_multi_step_loss_is_the_weighted_sum_worked_out_by_hand(tmp_path):
     tasks = tiny_tasks(seed=3)
-    model = plus_model(tmp_path, 3, maml.PlusPlus(msl_iterations=10))
+    model = plus_model(tmp_path, 3, maml.MAMLPlusPlus(msl_iterations=10))
     model._iteration = 5  # halfway: weights 1/3 - 1/6, 1/3 - 1/6, 1/3 + 0.5 * 2/3
     weights = [1 / 6, 1 / 6, 2 / 3]
     parameters, lrs = (reference.leaf_copies(tensors) for tensors in values(model))
@@ -394,7 +395,7 @@ def test_multi_step_loss_is_the_weighted_sum_worked_out_by_hand(tmp_path):
 
 def test_per_step_inner_lrs_are_used_step_by_step_and_learned(tmp_path):
     xs, ys, xq, yq = tiny_tasks(num_tasks=1, seed=4)[0]
-    model = plus_model(tmp_path, 3, maml.PlusPlus(per_step_inner_lrs=True))
+    model = plus_model(tmp_path, 3, maml.MAMLPlusPlus(per_step_inner_lrs=True))
     with torch.no_grad():
         for i, value in enumerate(model._inner_lrs.values()):
             assert value.shape == (3,) and value.requires_grad
@@ -413,7 +414,7 @@ def test_per_step_inner_lrs_are_used_step_by_step_and_learned(tmp_path):
 
 def test_per_step_batch_norm_is_learned_and_each_row_is_used(tmp_path):
     tasks = tiny_tasks(seed=5)
-    model = plus_model(tmp_path, 2, maml.PlusPlus(per_step_bn=True))
+    model = plus_model(tmp_path, 2, maml.MAMLPlusPlus(per_step_bn=True))
     norms = model._step_norms
     assert sorted(norms) == sorted(f'{n}{i}' for i in range(4) for n in ('gamma', 'beta'))
     assert all(v.shape == (2, 32) and v.requires_grad for v in norms.values())
@@ -432,8 +433,8 @@ def test_per_step_batch_norm_is_learned_and_each_row_is_used(tmp_path):
 def test_neutral_options_compute_plain_maml_bit_for_bit(tmp_path):
     """Per-step rates all equal to the plain one and batch norm 1 and 0: the same numbers."""
     tasks = tiny_tasks(seed=6)
-    plain = plus_model(tmp_path, 2, maml.PlusPlus())
-    plus = plus_model(tmp_path, 2, maml.PlusPlus(per_step_inner_lrs=True, per_step_bn=True,
+    plain = plus_model(tmp_path, 2, maml.MAMLPlusPlus())
+    plus = plus_model(tmp_path, 2, maml.MAMLPlusPlus(per_step_inner_lrs=True, per_step_bn=True,
                                                  first_order_iterations=0, msl_iterations=0))
     results = [meta_gradient(model, tasks)[0] for model in (plain, plus)]
     assert_dicts_close(results[1], results[0], rtol=0, atol=0)
@@ -443,7 +444,7 @@ def test_derivative_order_switches_at_the_configured_iteration(tmp_path):
     """Before the switch the meta-gradient is the reference's first-order one, from it the
     reference's second-order one (reference.maml_outer_step with and without create_graph)."""
     tasks = tiny_tasks(seed=7)
-    parameters, lrs = values(plus_model(tmp_path, 2, maml.PlusPlus()))
+    parameters, lrs = values(plus_model(tmp_path, 2, maml.MAMLPlusPlus()))
     expected = {}
     for first_order in (True, False):
         leaves = reference.leaf_copies(parameters)
@@ -453,14 +454,14 @@ def test_derivative_order_switches_at_the_configured_iteration(tmp_path):
     for k in KEYS:  # the two differ, so each comparison below can fail
         assert (expected[True][k] - expected[False][k]).norm() > 1e-3 * expected[False][k].norm()
     for iteration, first_order in [(0, True), (3, True), (4, False), (9, False)]:
-        model = plus_model(tmp_path, 2, maml.PlusPlus(first_order_iterations=4))
+        model = plus_model(tmp_path, 2, maml.MAMLPlusPlus(first_order_iterations=4))
         model._iteration = iteration
         assert_dicts_close(meta_gradient(model, tasks)[0], expected[first_order], rtol=1e-9,
                            atol=1e-12)
 
 
 def test_outer_learning_rate_follows_the_cosine(tmp_path):
-    model = plus_model(tmp_path, 1, maml.PlusPlus(cosine_iterations=6))
+    model = plus_model(tmp_path, 1, maml.MAMLPlusPlus(cosine_iterations=6))
     theirs = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.001)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(theirs, T_max=6, eta_min=1e-5)
     for step in range(8):  # past the end, the rate stays at its minimum
@@ -474,7 +475,7 @@ def test_outer_learning_rate_follows_the_cosine(tmp_path):
 def test_mamlpp_checkpoints_every_parameter_and_resumes_exactly(tmp_path):
     """Resumed at 3, across the end of the multi-step loss (5), the switch to second order (5)
     and the cosine (6): the same parameters as training straight through."""
-    plus = maml.PlusPlus(msl_iterations=5, first_order_iterations=5, per_step_inner_lrs=True,
+    plus = maml.MAMLPlusPlus(msl_iterations=5, first_order_iterations=5, per_step_inner_lrs=True,
                          per_step_bn=True, cosine_iterations=6)
     straight = train(tmp_path / 'a', 7, -1, 3, plus, num_inner_steps=2)
     train(tmp_path / 'b', 4, -1, 3, plus, num_inner_steps=2)
@@ -494,21 +495,21 @@ def test_mamlpp_checkpoints_every_parameter_and_resumes_exactly(tmp_path):
 
 def test_mamlpp_flags_and_log_dir():
     args = parse(['--mamlpp', '--num_train_iterations', '3000'])
-    assert maml.plus_plus(args) == maml.PlusPlus(
+    assert maml.maml_plus_plus(args) == maml.MAMLPlusPlus(
         msl_iterations=240, first_order_iterations=1000, per_step_inner_lrs=True,
         per_step_bn=True, cosine_iterations=3000)
     assert maml.default_log_dir(args).endswith('.batch_size_16.mamlpp_True')
     args = parse(['--per_step_bn', '--cosine_outer_lr'])
-    assert maml.plus_plus(args) == maml.PlusPlus(per_step_bn=True, cosine_iterations=15000)
+    assert maml.maml_plus_plus(args) == maml.MAMLPlusPlus(per_step_bn=True, cosine_iterations=15000)
     assert maml.default_log_dir(args).endswith('.per_step_bn_True.cosine_outer_lr_True')
-    assert maml.plus_plus(parse([])) == maml.PlusPlus()
+    assert maml.maml_plus_plus(parse([])) == maml.MAMLPlusPlus()
 
 
 def test_mamlpp_checkpoint_with_other_inner_steps_is_a_clear_error(tmp_path):
     maml.MAML(NUM_WAY, 2, 0.4, False, 0.001, str(tmp_path), 'cpu',
-              plus=maml.PlusPlus(per_step_inner_lrs=True))._save(0)
+              maml_plus_plus=maml.MAMLPlusPlus(per_step_inner_lrs=True))._save(0)
     tested = maml.MAML(NUM_WAY, 5, 0.4, False, 0.001, str(tmp_path), 'cpu',
-                       plus=maml.PlusPlus(per_step_inner_lrs=True))
+                       maml_plus_plus=maml.MAMLPlusPlus(per_step_inner_lrs=True))
     with pytest.raises(util.UserError, match='per-step-lrs-2 model, but these flags build a '
                                              '.*per-step-lrs-5 model'):
         tested.load(0)

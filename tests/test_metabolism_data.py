@@ -385,7 +385,7 @@ def test_a_batch_is_drawn_as_one_task_and_one_class_at_a_time(built):
     class_rows = [[torch.nonzero(y == c).squeeze(1) for c in (0, 1)] for y in labels]
     for _ in range(2):  # the generators stay in step across batches
         expected = reference.metabolism_tasks(features, class_rows, set_idxs, 3, 4, theirs)
-        for task, plain in zip(dataset.tasks(set_idxs), expected, strict=True):
+        for task, plain in zip(dataset.make_tasks(set_idxs), expected, strict=True):
             for a, b in zip(task, plain, strict=True):
                 assert torch.equal(a, b)
 

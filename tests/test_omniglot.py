@@ -86,15 +86,15 @@ def fake_characters(num_alphabets=50, num_characters=1623, num_images=20):
 
 
 def test_structure_validation_names_what_is_wrong():
-    omniglot.validate(fake_characters(), 'src')
+    omniglot.check_characters(fake_characters(), 'src')
     with pytest.raises(UserError, match='found 49 alphabets, expected 50'):
-        omniglot.validate(fake_characters(num_alphabets=49), 'src')
+        omniglot.check_characters(fake_characters(num_alphabets=49), 'src')
     with pytest.raises(UserError, match='found 1622 characters, expected 1623'):
-        omniglot.validate(fake_characters(num_characters=1622), 'src')
+        omniglot.check_characters(fake_characters(num_characters=1622), 'src')
     characters = fake_characters()
     characters['alphabet07/character0007'] = characters['alphabet07/character0007'][:19]
     with pytest.raises(UserError, match='alphabet07/character0007 has 19 images, expected 20'):
-        omniglot.validate(characters, 'src')
+        omniglot.check_characters(characters, 'src')
 
 
 def test_cache_shape_and_fast_second_start(images):

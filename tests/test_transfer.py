@@ -28,11 +28,13 @@ def pretrained_like(seed=0):
     return {k: v.requires_grad_() for k, v in maml.init_parameters(1100).items()}
 
 
-def test_transfer_learn_equals_plain_gradient_descent_on_reference_features(omniglot_batch):
+@pytest.mark.parametrize('batched', [False, True])
+def test_transfer_learn_equals_plain_gradient_descent_on_reference_features(omniglot_batch,
+                                                                            batched):
     parameters = pretrained_like()
     tasks = reference.to_float64(omniglot_batch(2, 5, 2, 3, seed=4))
     parameters64 = {k: v.detach().double() for k, v in parameters.items()}
-    losses, support, query = maml_transfer.transfer_learn(parameters64, tasks, 7, 0.3)
+    losses, support, query = maml_transfer.transfer_learn(parameters64, tasks, 7, 0.3, batched)
     for i, task in enumerate(tasks):  # each task's own classifier, fitted one task at a time
         loss, support_plain, query_plain = reference.transfer_learn(parameters64, task, 7, 0.3)
         torch.testing.assert_close(losses[i], loss, rtol=1e-10, atol=0)

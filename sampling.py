@@ -2,7 +2,7 @@
 loader that batches tasks.
 
 The contract, which omniglot.py and metabolism.py both follow:
-- A dataset has `tasks(idxs)`: idxs is an int64 tensor with one row per task (Omniglot: the
+- A dataset has `make_tasks(idxs)`: idxs is an int64 tensor with one row per task (Omniglot: the
   task's class indices, shape (num_tasks, num_way); Metabolism: the task's data set index,
   shape (num_tasks,)); it returns a list of num_tasks task tuples (support inputs, support
   labels, query inputs, query labels), class-major, labels 0..num_way-1. (Pre-training images
@@ -50,7 +50,7 @@ class TaskLoader:
     DataLoader with an identity collate gives the same).
 
     Args:
-        dataset: has tasks(idxs), as above
+        dataset: has make_tasks(idxs), as above
         sampler: has sample(num_tasks), as above
         batch_size (int): tasks per batch
         num_batches (int): batches per pass
@@ -66,7 +66,7 @@ class TaskLoader:
 
     def __iter__(self):
         for _ in range(self._num_batches):
-            yield self._dataset.tasks(self._sampler.sample(self._batch_size))
+            yield self._dataset.make_tasks(self._sampler.sample(self._batch_size))
 
     def __len__(self):
         return self._num_batches
