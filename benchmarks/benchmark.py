@@ -41,23 +41,25 @@ from benchmarks.timing import Result, exhaust, measure, memory_mib, reset_peak_m
 @dataclass
 class Sizes:
     """How much each row measures: training iterations (warm-up, then timed), passes over the
-    validation tasks and over the test tasks (one warm-up, then timed), batches sampled."""
+    validation tasks and over the test tasks (one warm-up, then timed), batches sampled, and
+    the transfer baseline's adaptation steps (maml_transfer.py's 100 at full size)."""
     batch_size: int
     warmup: int
     repeats: int
     eval_passes: int
     test_tasks: int
     sampling_batches: int
+    adapt_steps: int
 
 
 FULL = Sizes(batch_size=16, warmup=2, repeats=7, eval_passes=3, test_tasks=100,
-             sampling_batches=30)
-TRANSFER_ADAPT_STEPS = 100  # maml_transfer.py's default
+             sampling_batches=30, adapt_steps=100)
 # Metabolism tasks as run_bio.sh draws them: batches of 4 tasks, 2-way 5-shot 10-query, from
 # data sets of the TDC training sets' sizes (CYP1A2, 3A4, 2D6 Veith; 2C9, 2D6 substrates).
 METABOLISM_BATCH, METABOLISM_SHOTS = 4, (5, 10)
 METABOLISM_SIZES = (12579, 12328, 13130, 669, 667)
-QUICK = Sizes(batch_size=2, warmup=1, repeats=1, eval_passes=1, test_tasks=2, sampling_batches=2)
+QUICK = Sizes(batch_size=2, warmup=1, repeats=1, eval_passes=1, test_tasks=2, sampling_batches=2,
+              adapt_steps=3)
 
 
 # ----- what is measured -----
@@ -168,7 +170,7 @@ class Bench:
 
     # the transfer baseline's adaptation, 5-way 5-shot: a new linear layer fitted per task
     def transfer(self, amp='none'):
-        return maml_transfer.TransferLearner(LEARNING_RATE, TRANSFER_ADAPT_STEPS, 2.0,
+        return maml_transfer.TransferLearner(LEARNING_RATE, self.sizes.adapt_steps, 2.0,
                                              self.log_dir, self.device, amp=amp)
 
     def reference_transfer_validate(self):
@@ -179,7 +181,7 @@ class Bench:
         loader = self.ours_loader('val', self.sizes.batch_size, 5, 5, num_tasks)
 
         def one_pass():
-            return [reference.transfer_learn(parameters, task, TRANSFER_ADAPT_STEPS, 2.0)[0]
+            return [reference.transfer_learn(parameters, task, self.sizes.adapt_steps, 2.0)[0]
                     .item() for task_batch in loader for task in task_batch]
         return self.measure_evaluation(one_pass, num_tasks)
 
@@ -202,7 +204,7 @@ class Bench:
     def ours_metabolism_sampling(self):
         dataset = metabolism.MetabolismDataset(*self.metabolism_data(), *METABOLISM_SHOTS,
                                                torch.Generator().manual_seed(0))
-        return self.metabolism_sampling(dataset.tasks)
+        return self.metabolism_sampling(dataset.make_tasks)
 
     def reference_metabolism_sampling(self):
         features, labels = self.metabolism_data()

@@ -20,6 +20,8 @@ RAW = SHARED_DATA / 'metabolism' / 'raw_tdc'
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault('OMNIGLOT_MIRROR', (SHARED_DATA / 'omniglot').as_uri())
 os.environ.setdefault('OMNIGLOT_DIR', str(ROOT / 'data' / 'omniglot'))
+if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest.ini runs a worker per core (-n auto):
+    os.environ['OMP_NUM_THREADS'] = '1'  # one thread each, for it and what it starts
 
 
 @pytest.fixture

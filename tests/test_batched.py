@@ -114,12 +114,12 @@ MAML_CONFIGS = {  # name: (MAML's keyword arguments, the training iteration)
     'second order': ({}, 0),
     'learned inner lrs': ({'learn_inner_lrs': True}, 0),
     'first order': ({'first_order': True, 'learn_inner_lrs': True}, 0),
-    'multi-step loss': ({'plus': maml.MAMLPlusPlus(msl_iterations=10)}, 3),
+    'multi-step loss': ({'maml_plus_plus': maml.MAMLPlusPlus(msl_iterations=10)}, 3),
     'derivative-order annealing, first-order part': (
-        {'plus': maml.MAMLPlusPlus(first_order_iterations=5)}, 2),
-    'per-step inner lrs': ({'plus': maml.MAMLPlusPlus(per_step_inner_lrs=True)}, 0),
-    'per-step batch norm': ({'plus': maml.MAMLPlusPlus(per_step_bn=True)}, 0),
-    'all of MAML++': ({'plus': maml.MAMLPlusPlus(msl_iterations=10, first_order_iterations=2,
+        {'maml_plus_plus': maml.MAMLPlusPlus(first_order_iterations=5)}, 2),
+    'per-step inner lrs': ({'maml_plus_plus': maml.MAMLPlusPlus(per_step_inner_lrs=True)}, 0),
+    'per-step batch norm': ({'maml_plus_plus': maml.MAMLPlusPlus(per_step_bn=True)}, 0),
+    'all of MAML++': ({'maml_plus_plus': maml.MAMLPlusPlus(msl_iterations=10, first_order_iterations=2,
                                              per_step_inner_lrs=True, per_step_bn=True,
                                              cosine_iterations=10)}, 4),
 }

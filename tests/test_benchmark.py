@@ -44,6 +44,26 @@ def test_quick_benchmark_checks_accuracy_and_prints_every_row():
         assert re.search(rf'^\| {re.escape(row)} \| {cells} \|$', result.stdout, re.M), row
     memory_rows = re.findall(r'^\| [^|]+ \| \d+ \| \d+ \| \d* \|$', result.stdout, re.M)
     assert len(memory_rows) == len(ROWS) + 2
+    speed_ups = speed_up_cells(result.stdout)
+    assert len(speed_ups) == 2 * len(ROWS) + 2 + 2 * len(BATCHED_ROWS)
+    for name, reference, ours, speed_up in speed_ups:  # each is the ratio of its two cells
+        assert reference > 0 and ours > 0, name
+        expected = ours / reference if 'tasks/s' in name else reference / ours
+        assert speed_up == pytest.approx(expected, rel=0.02, abs=0.051), name
+
+
+def speed_up_cells(printed):
+    """Every 'N.Nx' cell of the benchmark's tables with the two it is the ratio of: the cells
+    just before it, or the row's first (the reference) when the one before that is a speed-up
+    itself (ours bf16). Returns [(row name, reference, ours, speed-up)] as floats."""
+    found = []
+    for line in printed.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
+        for i, cell in enumerate(cells):
+            if i >= 3 and re.fullmatch(r'[\d.]+x', cell):
+                reference = cells[1] if cells[i - 2].endswith('x') else cells[i - 2]
+                found.append((cells[0], float(reference), float(cells[i - 1]), float(cell[:-1])))
+    return found
 
 
 def test_relative_error_catches_a_wrong_gradient_and_tolerates_rounding_noise():

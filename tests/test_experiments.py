@@ -145,7 +145,8 @@ def test_a_second_call_does_no_work(tiny):
 def test_a_stopped_run_resumes_from_its_latest_checkpoint(tmp_path):
     run = experiments.BY_NAME['protonet_5shot']
     plan = experiments.Plan(run, tmp_path / run.name, 201,
-                            [*run.flags, '--batch_size', '2', '--num_train_iterations', '201'], 4)
+                            [*run.flags, '--batch_size', '2', '--num_query', '2',
+                             '--num_train_iterations', '201'], 4)
     first, = experiments.jobs(plan)[:1]
     process = subprocess.Popen(first.command([]), cwd=ROOT, stdout=subprocess.DEVNULL)
     while not (plan.log_dir / 'state100.pt').is_file() and process.poll() is None:

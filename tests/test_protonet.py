@@ -106,8 +106,8 @@ def run_script(*args, check=True):
 
 def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path):
     log_dir = tmp_path / 'run'
-    output = run_script('protonet.py', '--num_support', '5', '--num_train_iterations', '51',
-                        '--log_dir', str(log_dir)).stdout
+    output = run_script('protonet.py', '--num_support', '5', '--num_query', '5', '--batch_size',
+                        '8', '--num_train_iterations', '51', '--log_dir', str(log_dir)).stdout
     validation = [float(v) for v in re.findall(r'Validation: .*query accuracy: ([\d.]+)', output)]
     assert len(validation) == 2 and validation[0] < 0.9 and validation[1] >= 0.95, output
     assert re.search(r'^Iteration 50: loss: \d\.\d{3}, support accuracy: \d\.\d{3}, '
@@ -129,14 +129,15 @@ def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path):
     assert '_hparams_/experiment' in events.PluginTagToContent('hparams')  # the same run
 
     output = run_script('protonet.py', '--test', '--log_dir', str(log_dir),
-                        '--checkpoint_step', '0', '--num_support', '2', '--num_query', '10').stdout
+                        '--checkpoint_step', '0', '--num_support', '2', '--num_query', '10',
+                        '--num_test_tasks', '100').stdout
     assert 'Loaded checkpoint iteration 0.' in output
-    match = re.search(r'^Accuracy over 600 test tasks: mean (\d\.\d{3}), '
+    match = re.search(r'^Accuracy over 100 test tasks: mean (\d\.\d{3}), '
                       r'95% confidence interval (\d\.\d{3})$', output, re.M)
     assert match and 0.2 < float(match[1]) <= 1 and 0 < float(match[2]) < 0.05, output
     result = json.loads((log_dir / 'test.way_5.support_2.query_10.step_0.json').read_text())
     assert (f"{result['mean']:.3f}", f"{result['ci95']:.3f}") == (match[1], match[2])
-    assert result['num_tasks'] == len(result['accuracies']) == 600
+    assert result['num_tasks'] == len(result['accuracies']) == 100
     assert result['mean'] == pytest.approx(np.mean(result['accuracies']))
     assert (result['way'], result['shot'], result['query'], result['checkpoint_step']) == (
         5, 2, 10, 0)
