@@ -280,3 +280,27 @@ def test_metabolism_count_fingerprints_through_the_script(tmp_path, monkeypatch)
     assert log_dir.name.endswith('.fingerprint_counts') and (log_dir / 'state0.pt').is_file()
     assert 'Validation: ' in printed
     assert max(features.max().item() for features in inputs) > 1  # counts, not bits
+
+
+@pytest.mark.parametrize('module, flags, name', [
+    (protonet, [], 'test.way_3.support_2.query_4.step_0.json'),
+    (maml, ['--num_inner_steps', '2'], 'test.way_3.support_2.query_4.inner_steps_2.step_0.json')])
+def test_the_test_json_holds_what_was_printed_and_its_interval_recomputes(module, flags, name,
+                                                                          tmp_path):
+    """--test's JSON: the task shape asked for (not the training one), every task's accuracy,
+    and the printed mean and interval, which recompute from them as 1.96 * std / sqrt(n)."""
+    quietly(module.main, module.parse_args([*TASKS, '--num_train_iterations', '1', '--log_dir',
+                                            str(tmp_path)]))
+    printed = quietly(module.main, module.parse_args([
+        *TASKS, *flags, '--test', '--checkpoint_step', '0', '--num_support', '2',
+        '--num_query', '4', '--num_test_tasks', '13', '--log_dir', str(tmp_path)]))
+    saved = json.loads((tmp_path / name).read_text())
+    accuracies = np.array(saved['accuracies'])
+    assert len(accuracies) == saved['num_tasks'] == 13
+    assert np.allclose(accuracies * 12, np.round(accuracies * 12), atol=1e-5)  # of 3 * 4 queries
+    assert saved['mean'] == pytest.approx(accuracies.mean())
+    assert saved['ci95'] == pytest.approx(1.96 * accuracies.std() / math.sqrt(13))
+    assert (saved['way'], saved['shot'], saved['query'], saved['checkpoint_step'],
+            saved['inner_steps']) == (3, 2, 4, 0, 2 if flags else None)
+    assert (f'Accuracy over 13 test tasks: mean {saved["mean"]:.3f}, 95% confidence interval '
+            f'{saved["ci95"]:.3f}') in printed
