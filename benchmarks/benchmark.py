@@ -41,25 +41,27 @@ from benchmarks.timing import Result, exhaust, measure, memory_mib, reset_peak_m
 @dataclass
 class Sizes:
     """How much each row measures: training iterations (warm-up, then timed), passes over the
-    validation tasks and over the test tasks (one warm-up, then timed), batches sampled, and
-    the transfer baseline's adaptation steps (maml_transfer.py's 100 at full size)."""
+    validation tasks (at full size batch_size * 4, as the scripts validate) and over the test
+    tasks (one warm-up, then timed), batches sampled, and the transfer baseline's adaptation
+    steps (maml_transfer.py's 100 at full size)."""
     batch_size: int
     warmup: int
     repeats: int
     eval_passes: int
+    val_tasks: int
     test_tasks: int
     sampling_batches: int
     adapt_steps: int
 
 
-FULL = Sizes(batch_size=16, warmup=2, repeats=7, eval_passes=3, test_tasks=100,
+FULL = Sizes(batch_size=16, warmup=2, repeats=7, eval_passes=3, val_tasks=64, test_tasks=100,
              sampling_batches=30, adapt_steps=100)
 # Metabolism tasks as run_bio.sh draws them: batches of 4 tasks, 2-way 5-shot 10-query, from
 # data sets of the TDC training sets' sizes (CYP1A2, 3A4, 2D6 Veith; 2C9, 2D6 substrates).
 METABOLISM_BATCH, METABOLISM_SHOTS = 4, (5, 10)
 METABOLISM_SIZES = (12579, 12328, 13130, 669, 667)
-QUICK = Sizes(batch_size=2, warmup=1, repeats=1, eval_passes=1, test_tasks=2, sampling_batches=2,
-              adapt_steps=3)
+QUICK = Sizes(batch_size=2, warmup=1, repeats=1, eval_passes=1, val_tasks=2, test_tasks=2,
+              sampling_batches=2, adapt_steps=3)
 
 
 # ----- what is measured -----
@@ -117,13 +119,13 @@ class Bench:
         return self.measure_training(step)
 
     def ours_validate(self, learner, num_way, num_support):
-        num_tasks = self.sizes.batch_size * 4
+        num_tasks = self.sizes.val_tasks
         loader = self.ours_loader('val', self.sizes.batch_size, num_way, num_support, num_tasks)
         return self.measure_evaluation(lambda: learner.validate(loader), num_tasks)
 
     def course_validate(self, evaluate, num_way, num_support):
         """evaluate(task_batch) -> loss; one pass over a fresh course loader, as the course."""
-        num_tasks = self.sizes.batch_size * 4
+        num_tasks = self.sizes.val_tasks
         loader = self.course_loader('val', self.sizes.batch_size, num_way, num_support,
                                     num_tasks)
 
@@ -177,7 +179,7 @@ class Bench:
         """reference.transfer_learn, a task at a time, on the tasks ours_validate draws."""
         parameters = {key: value.to(self.device)
                       for key, value in maml.init_parameters(maml_transfer.NUM_CLASSES).items()}
-        num_tasks = self.sizes.batch_size * 4
+        num_tasks = self.sizes.val_tasks
         loader = self.ours_loader('val', self.sizes.batch_size, 5, 5, num_tasks)
 
         def one_pass():

@@ -162,3 +162,28 @@ def test_torchrun_restarts_a_group_whose_worker_was_killed_and_ends_as_one_proce
     # the second: rank 0 saved step 1 before rank 1 passed step 1's stop check
     assert 'Loaded checkpoint iteration 1.\nStarting training at iteration 2.\n' in out
     assert_same_checkpoints(tmp_path, uninterrupted('protonet.py'), [2])
+
+
+def test_experiments_stopped_by_sigterm_and_started_again_does_no_finished_work_twice(tmp_path):
+    """experiments.py passes the signal on to the run under way and exits 143; started again,
+    it leaves every file of the runs already done as it was and finishes the rest."""
+    command = [sys.executable, 'experiments.py', '--scale', 'tiny', '--log_root', str(tmp_path),
+               '--only', 'protonet']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    console = tmp_path / 'protonet_1shot' / 'console.log'  # the second run's: the first is done
+    while first.poll() is None and not (console.is_file() and '$ ' in console.read_text()):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 143 and 'Stopped by SIGTERM in protonet_1shot' in stderr, stderr
+    done = {path: path.stat().st_mtime_ns for path in (tmp_path / 'protonet_5shot').iterdir()}
+    assert any(path.name.startswith('test.') for path in done)  # trained and tested
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / 'protonet_5shot').iterdir()
+            } == done
+    listed = subprocess.run([*command, '--list'], cwd=ROOT, capture_output=True, text=True,
+                            env=env).stdout
+    assert 'protonet_1shot' in listed and 'stopped' not in listed and 'to do' not in listed, listed
