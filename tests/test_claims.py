@@ -304,3 +304,27 @@ def test_the_test_json_holds_what_was_printed_and_its_interval_recomputes(module
             saved['inner_steps']) == (3, 2, 4, 0, 2 if flags else None)
     assert (f'Accuracy over 13 test tasks: mean {saved["mean"]:.3f}, 95% confidence interval '
             f'{saved["ci95"]:.3f}') in printed
+
+
+def test_protonet_built_as_the_assignments_run_metabolism_builds_it(tmp_path):
+    """ProtoNet(learning_rate, log_dir, device, compile, backend, learner=..., val_interval=...,
+    save_interval=..., bio=True), as the assignment's run_metabolism.py calls it (no num_way:
+    the classes are counted in the labels): the same loss as with num_way given, _step's
+    accuracies numpy float64, and validation with its interval (bio)."""
+    rng = np.random.default_rng(0)
+    data = {name: {'feature': rng.integers(0, 2, (30, 1024)).astype(np.float32),
+                   'label': np.arange(30) % 2} for name in metabolism.ALL_SETS}
+    batch = next(iter(metabolism.metabolism_task_loader(data, 'train', 3, 2, 2, 3, 3)))
+    losses = []
+    for num_way in (None, 2):
+        torch.manual_seed(0)
+        keywords = {} if num_way is None else {'num_way': num_way}
+        model = protonet.ProtoNet(0.001, str(tmp_path), 'cpu', False, 'inductor',
+                                  learner=run_metabolism.FCNet(), val_interval=2000,
+                                  save_interval=2000, bio=True, **keywords)
+        loss, support, query = model._step(batch)
+        assert type(support) is np.float64 and type(query) is np.float64 and 0 <= query <= 1
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    summary = model.validate(metabolism.metabolism_task_loader(data, 'val', 3, 2, 2, 3, 12))
+    assert set(summary) == {'loss', 'support', 'query', 'ci95'} and summary['ci95'] > 0
