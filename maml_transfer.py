@@ -30,8 +30,8 @@ def transfer_learn(parameters, task_batch, num_steps, learning_rate, batched=Fal
 
     A step's gradient of the mean cross-entropy is written out (softmax minus one-hot, over
     the number of examples), so that one step is two batched matrix products for every task
-    together, where a task at a time with autograd launched about a dozen small kernels per
-    step and task (reference.transfer_learn; benchmarks/README.md measures both).
+    together, where a task at a time with autograd launches several small kernels per step
+    and task (reference.transfer_learn; benchmarks/README.md measures both).
 
     Args:
         parameters (dict[str, Tensor]): pre-trained weights, keys as maml.init_parameters;

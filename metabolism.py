@@ -320,7 +320,7 @@ def metabolism_task_loader(data, split, batch_size, num_way, num_support, num_qu
     dataset = MetabolismDataset(features, labels, num_support, num_query, generator)
     sampler = sampling.UniformSampler(len(names), generator)
     return sampling.TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size,
-                            generator)
+                               generator)
 
 
 class MetabolismTasks:

@@ -270,7 +270,7 @@ def get_image_dataloader(split, batch_size, num_images_per_epoch, seed=0, device
     dataset = ClassifierImages(images_on(str(device)), split_idxs)
     sampler = sampling.UniformSampler(len(split_idxs) * NUM_SAMPLES_PER_CLASS, generator)
     return sampling.TaskLoader(dataset, sampler, batch_size, num_images_per_epoch // batch_size,
-                            generator)
+                               generator)
 
 
 def check_task_flags(num_way, num_support, num_query):
@@ -318,7 +318,7 @@ def get_omniglot_dataloader(split, batch_size, num_way, num_support, num_query,
     dataset = OmniglotDataset(num_support, num_query, images_on(str(device)), generator)
     sampler = OmniglotSampler(split_idxs, num_way, num_tasks_per_epoch, generator)
     return sampling.TaskLoader(dataset, sampler, batch_size, num_tasks_per_epoch // batch_size,
-                            generator)
+                               generator)
 
 
 class OmniglotTasks:
