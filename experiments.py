@@ -235,8 +235,8 @@ class Job:
                 '--log_dir', str(self.plan.log_dir), *self.extra, *passthrough]
 
     def execute(self, passthrough, description):
-        """Runs the command, its output appended to the run's console.log; a tqdm bar follows
-        the printed iterations. A stop signal goes on to the command (in a process group of
+        """Runs the command, its output appended to the run's console.log a line at a time (so
+        that `tail -f` follows it); a tqdm bar follows the printed iterations. A stop signal goes on to the command (in a process group of
         its own, so that a terminal's Ctrl-C reaches it once), which saves and stops; then
         this stops too (util.Stopped)."""
         from tqdm import tqdm
@@ -248,7 +248,7 @@ class Job:
         def pass_on(signum):
             process.send_signal(signum)
             signals.append(signum)
-        with open(console, 'a') as log, \
+        with open(console, 'a', buffering=1) as log, \
                 tqdm(total=self.total, desc=description, unit='it', leave=True) as bar, \
                 subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, process_group=0,
                                  stderr=subprocess.STDOUT, text=True) as process, \

@@ -42,8 +42,9 @@ from benchmarks.timing import Result, exhaust, measure, memory_mib, reset_peak_m
 class Sizes:
     """How much each row measures: training iterations (warm-up, then timed), passes over the
     validation tasks (at full size batch_size * 4, as the scripts validate) and over the test
-    tasks (one warm-up, then timed), batches sampled, and the transfer baseline's adaptation
-    steps (maml_transfer.py's 100 at full size)."""
+    tasks (one warm-up, then timed), batches sampled, the transfer baseline's adaptation steps
+    (maml_transfer.py's 100 at full size); and the seeds of the weights the accuracy checks
+    draw."""
     batch_size: int
     warmup: int
     repeats: int
@@ -52,16 +53,17 @@ class Sizes:
     test_tasks: int
     sampling_batches: int
     adapt_steps: int
+    seeds: tuple
 
 
 FULL = Sizes(batch_size=16, warmup=2, repeats=7, eval_passes=3, val_tasks=64, test_tasks=100,
-             sampling_batches=30, adapt_steps=100)
+             sampling_batches=30, adapt_steps=100, seeds=(0, 1, 2))
 # Metabolism tasks as run_bio.sh draws them: batches of 4 tasks, 2-way 5-shot 10-query, from
 # data sets of the TDC training sets' sizes (CYP1A2, 3A4, 2D6 Veith; 2C9, 2D6 substrates).
 METABOLISM_BATCH, METABOLISM_SHOTS = 4, (5, 10)
 METABOLISM_SIZES = (12579, 12328, 13130, 669, 667)
 QUICK = Sizes(batch_size=2, warmup=1, repeats=1, eval_passes=1, val_tasks=2, test_tasks=2,
-              sampling_batches=2, adapt_steps=3)
+              sampling_batches=2, adapt_steps=3, seeds=(0,))
 
 
 # ----- what is measured -----
@@ -340,7 +342,7 @@ def main(args):
         folder = os.path.join(work, 'omniglot_resized')
         write_png_folder(omniglot.prepare(), folder)
         bench = Bench(folder, sizes, device, os.path.join(work, 'logs'))
-        if not check_numerics(sizes.batch_size, device, bench.log_dir):
+        if not check_numerics(sizes.batch_size, device, bench.log_dir, sizes.seeds):
             print('error: ours is less accurate than the reference; see above',
                   file=sys.stderr)
             sys.exit(1)

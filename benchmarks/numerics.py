@@ -8,6 +8,8 @@ would fail any change of summation order: second-order MAML in float32 is itself
 float64, and on Omniglot's binary images rounding decides ties in max pooling, so the float32
 error of either side varies 100-fold with the weights.
 """
+import functools
+
 import numpy as np
 import torch
 
@@ -56,72 +58,90 @@ def error_against(result, exact):
     return largest_relative_error(loss, expected_loss, gradients, expected_gradients)
 
 
-def check_protonet(task_batch, tasks, device, log_dir):
-    """Errors of ProtoNet._step (with --tasks tasks) and of the course's step against the
-    course's step in float64, same weights and batch.
+def seeded_learners(make, seed):
+    """{--tasks path: make(tasks)}, each made after torch.manual_seed(seed): the same weights."""
+    learners = {}
+    for tasks, _ in TASKS:
+        torch.manual_seed(seed)
+        learners[tasks] = make(tasks)
+    return learners
+
+
+def check_protonet(task_batch, seed, device, log_dir):
+    """Errors of ProtoNet._step, on each --tasks path, and of the course's step against the
+    course's step in float64, same weights (drawn with seed) and batch.
 
     Returns:
-        (ours, reference): each the largest relative error of the loss or any gradient
+        ({tasks: ours}, reference): each the largest relative error of the loss or any gradient
     """
-    learner = protonet.ProtoNet(LEARNING_RATE, log_dir, device, tasks=tasks)
-    ours = [p for conv, norm in zip(learner._network.convs, learner._network.norms)
-            for p in (*conv.parameters(), *norm.parameters())]
-    float32 = reference.protonet_network_like(learner._network)
-    float64 = reference.protonet_network_like(learner._network).double()  # exact: a widening
+    learners = seeded_learners(lambda tasks: protonet.ProtoNet(LEARNING_RATE, log_dir, device,
+                                                               tasks=tasks), seed)
+    network = learners['loop']._network
+    float32 = reference.protonet_network_like(network)
+    float64 = reference.protonet_network_like(network).double()  # exact: a widening
 
     def course_step(network, batch):
         return loss_and_gradients(reference.protonet_step(network, batch)[0],
                                   network.parameters())
+
+    def ours(learner):
+        parameters = [p for conv, norm in zip(learner._network.convs, learner._network.norms)
+                      for p in (*conv.parameters(), *norm.parameters())]
+        return loss_and_gradients(learner._step(task_batch)[0], parameters)
     exact = course_step(float64, reference.to_float64(task_batch))
-    return (error_against(loss_and_gradients(learner._step(task_batch)[0], ours), exact),
+    return ({tasks: error_against(ours(learner), exact) for tasks, learner in learners.items()},
             error_against(course_step(float32, task_batch), exact))
 
 
-def check_maml(task_batch, num_inner_steps, first_order, tasks, device, log_dir):
-    """Errors of MAML._outer_step (with --tasks tasks) and of the course's outer step against
-    the course's in float64, same weights and batch.
+def check_maml(task_batch, num_inner_steps, first_order, seed, device, log_dir):
+    """Errors of MAML._outer_step, on each --tasks path, and of the course's outer step against
+    the course's in float64, same weights (drawn with seed) and batch.
 
     Returns:
-        (ours, reference): each the largest relative error of the loss or any meta-gradient
+        ({tasks: ours}, reference): each the largest relative error of the loss or any
+        meta-gradient
     """
-    learner = maml.MAML(5, num_inner_steps, MAML_INNER_LR, False, LEARNING_RATE, log_dir, device,
-                        first_order=first_order, tasks=tasks)
-    inner_lrs = dict.fromkeys(learner._meta_parameters, MAML_INNER_LR)
+    learners = seeded_learners(lambda tasks: maml.MAML(
+        5, num_inner_steps, MAML_INNER_LR, False, LEARNING_RATE, log_dir, device,
+        first_order=first_order, tasks=tasks), seed)
+    meta_parameters = learners['loop']._meta_parameters
+    inner_lrs = dict.fromkeys(meta_parameters, MAML_INNER_LR)
 
     def course_step(dtype, batch):
-        parameters = reference.leaf_copies(learner._meta_parameters, dtype)
+        parameters = reference.leaf_copies(meta_parameters, dtype)
         loss = reference.maml_outer_step(parameters, inner_lrs, batch, num_inner_steps,
                                          create_graph=not first_order)[0]
         return loss_and_gradients(loss, parameters.values())
+
+    def ours(learner):
+        return loss_and_gradients(learner._outer_step(task_batch, train=True)[0],
+                                  learner._meta_parameters.values())
     exact = course_step(torch.float64, reference.to_float64(task_batch))
-    ours = loss_and_gradients(learner._outer_step(task_batch, train=True)[0],
-                              learner._meta_parameters.values())
-    return error_against(ours, exact), error_against(course_step(torch.float32, task_batch), exact)
+    return ({tasks: error_against(ours(learner), exact) for tasks, learner in learners.items()},
+            error_against(course_step(torch.float32, task_batch), exact))
 
 
-def check_numerics(batch_size, device, log_dir, seeds=(0, 1, 2)):
+def check_numerics(batch_size, device, log_dir, seeds):
     """Every accuracy check on one seeded batch of batch_size tasks, for weights drawn with each
-    seed; prints them; True if all pass."""
+    seed, each path of ours against the same reference computations; prints them; True if all
+    pass."""
     def task_batch(num_support):
         return next(iter(omniglot.get_omniglot_dataloader('train', batch_size, 5, num_support,
                                                           15, batch_size, device=device)))
-
-    def largest_errors(check, *args):
-        errors = []
+    checks = {'ProtoNet 5w5s': functools.partial(check_protonet, task_batch(5))}
+    for name, num_inner_steps, first_order in MAML_ROWS:
+        checks[name] = functools.partial(check_maml, task_batch(1), num_inner_steps, first_order)
+    errors = {}  # name -> [(ours, reference) for each seed]
+    for name, check in checks.items():
         for seed in seeds:
-            torch.manual_seed(seed)
-            errors.append(check(*args, device, log_dir))
-        return np.max(errors, axis=0)
-    errors = {}
-    for tasks, suffix in TASKS:
-        errors[f'ProtoNet 5w5s{suffix}'] = largest_errors(check_protonet, task_batch(5), tasks)
-        for name, num_inner_steps, first_order in MAML_ROWS:
-            errors[f'{name}{suffix}'] = largest_errors(check_maml, task_batch(1), num_inner_steps,
-                                                       first_order, tasks)
+            ours, theirs = check(seed, device, log_dir)
+            for tasks, suffix in TASKS:
+                errors.setdefault(name + suffix, []).append((ours[tasks], theirs))
     print(f'Float32 loss and gradients against the reference in float64, same batch of '
           f'{batch_size} tasks: largest relative error over weights drawn with seeds {seeds}')
     passed = True
-    for name, (ours, theirs) in errors.items():
+    for name in [name + suffix for _, suffix in TASKS for name in checks]:
+        ours, theirs = np.max(errors[name], axis=0)
         ok = ours <= max(RELATIVE_TOLERANCE, ACCURACY_MARGIN * theirs)
         passed &= ok
         print(f'  {name}: ours {ours:.1e}, reference {theirs:.1e} {"ok" if ok else "FAILED"}')

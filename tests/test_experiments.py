@@ -1,11 +1,18 @@
 """experiments.py and report.py end to end at tiny scale, on the real data: every run of both
-handouts, every figure and table, numbers and points checked against what the runs wrote."""
+handouts, every figure and table, numbers and points checked against what the runs wrote.
+
+The tiny tree's 38 jobs run in this process (`run_here`), each the command experiments.py
+would start, through the script's own parse_args and main: a subprocess would spend most of its
+4 s importing torch. experiments.py's own subprocesses, their signals and console.log are
+tested by test_a_second_call_does_no_work here and by test_preemption.py."""
+import contextlib
+import dataclasses
+import io
 import json
 import re
-import signal
+import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import experiments
 import report
+import training
+import util
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,16 +31,31 @@ def run_script(*argv):
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
 
 
+def run_here(job, passthrough, description):
+    """Job.execute in this process: the script's main on the job's command line (sys.argv, which
+    the run records), its printed output appended to the run's console.log after that line."""
+    command = job.command(passthrough)[1:]
+    module = experiments.script_module(Path(command[0]).name)
+    job.plan.log_dir.mkdir(parents=True, exist_ok=True)
+    with open(job.plan.log_dir / 'console.log', 'a') as log, contextlib.redirect_stdout(log), \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, 'argv', command)
+        print(f'$ {shlex.join(command)}')
+        module.main(module.parse_args(command[1:]))
+
+
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory, built):
-    """(log root, report folder, first experiments.py output, {slug: figure}): the whole list."""
+    """(log root, report folder, experiments.py's printed output, {slug: figure}): the whole
+    list."""
     root = tmp_path_factory.mktemp('experiments')
-    datadir = built[0]
-    made = run_script('experiments.py', '--scale', 'tiny', '--log_root', str(root / 'logs'),
-                      '--datadir', str(datadir))
-    assert made.returncode == 0, made.stderr[-2000:]
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(experiments.Job, 'execute', run_here)
+        experiments.main(experiments.parse_args(['--scale', 'tiny', '--log_root',
+                                                 str(root / 'logs'), '--datadir', str(built[0])]))
     figures = report.write_report(root / 'logs', root / 'report')
-    return root / 'logs', root / 'report', made.stdout, figures
+    return root / 'logs', root / 'report', printed.getvalue(), figures
 
 
 def tables(markdown):
@@ -142,28 +166,27 @@ def test_a_second_call_does_no_work(tiny):
     assert states == ['done'] * len(experiments.RUNS)
 
 
-def test_a_stopped_run_resumes_from_its_latest_checkpoint(tmp_path):
-    run = experiments.BY_NAME['protonet_5shot']
-    plan = experiments.Plan(run, tmp_path / run.name, 201,
+def test_a_stopped_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
+    """A run of 5 iterations with a checkpoint every 2, stopped before its last checkpoint (as
+    a run killed at iteration 3 is: its checkpoint 4 removed), resumes at 3, then is tested."""
+    monkeypatch.setattr(training, 'SAVE_INTERVAL', 2)
+    run = dataclasses.replace(experiments.BY_NAME['protonet_5shot'], save_interval=2)
+    plan = experiments.Plan(run, tmp_path / run.name, 5,
                             [*run.flags, '--batch_size', '2', '--num_query', '2',
-                             '--num_train_iterations', '201'], 4)
-    first, = experiments.jobs(plan)[:1]
-    process = subprocess.Popen(first.command([]), cwd=ROOT, stdout=subprocess.DEVNULL)
-    while not (plan.log_dir / 'state100.pt').is_file() and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (plan.log_dir / 'state200.pt').exists(), 'the run ended before it was stopped'
-    assert plan.state() == 'stopped at checkpoint 100 of 200'
+                             '--num_train_iterations', '5'], 4)
+    train = experiments.jobs(plan)[0]
+    run_here(train, [], train.label)
+    (plan.log_dir / 'state4.pt').unlink()
+    assert plan.state() == 'stopped at checkpoint 2 of 4'
     todo = experiments.jobs(plan)
-    assert [job.label for job in todo] == ['resume at 101', 'test K=1 Q=15']
+    assert [job.label for job in todo] == ['resume at 3', 'test K=1 Q=15']
     for job in todo:
-        job.execute([], job.label)
-    assert 'Loaded checkpoint iteration 100.' in (plan.log_dir / 'console.log').read_text()
+        run_here(job, [], job.label)
+    assert 'Loaded checkpoint iteration 2.' in (plan.log_dir / 'console.log').read_text()
     assert plan.state() == 'done' and experiments.jobs(plan) == []
 
 
-def test_bad_input_is_a_one_line_error(tiny, tmp_path):
+def test_bad_input_is_a_one_line_error(tiny, tmp_path, capsys):
     log_root = tiny[0]
     for argv, message in (
             (['--scale', '2'], "--scale must be 'full', 'tiny' or a fraction in (0, 1], got '2'"),
@@ -171,8 +194,9 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path):
             (['--scale', '0.5', '--log_root', str(log_root), '--only', 'protonet_1shot'],
              f'{log_root / "protonet_1shot"} holds a run made with --batch_size 2 (this scale: '
              '16), --num_train_iterations 1 (this scale: 2500)')):
-        failed = run_script('experiments.py', *argv)
-        assert failed.returncode == 2 and 'Traceback' not in failed.stderr
-        assert message in failed.stderr.strip().splitlines()[-1]
+        with pytest.raises(SystemExit) as exit:
+            util.cli(lambda: experiments.main(experiments.parse_args(argv)))
+        assert exit.value.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
     missing = run_script('report.py', '--log_root', str(tmp_path / 'none'))
     assert missing.returncode == 2 and 'no runs in' in missing.stderr
