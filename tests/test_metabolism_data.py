@@ -1,7 +1,7 @@
 """metabolism.py: fingerprints, building from TDC files, the pickle, the task sampler, user errors.
 
 The real TDC files come from ../shared/data/metabolism/raw_tdc beside the repository. The
-`built` fixture of conftest.py builds them once per session (about half a minute) through a
+`built` fixture of conftest.py builds them once per test run (about 15 s) through a
 file:// TDC_MIRROR; every other test uses that result or a few tiny synthetic files.
 """
 import csv

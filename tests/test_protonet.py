@@ -2,9 +2,7 @@
 import json
 import math
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +13,6 @@ import layers
 import protonet
 import reference
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Identity(nn.Module):
@@ -97,19 +93,21 @@ def test_loss_and_gradients_equal_a_plain_per_task_implementation(omniglot_batch
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-def run_script(*args, check=True):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+def run_protonet(monkeypatch, capsys, *argv):
+    """protonet.py argv, in this process; returns what it printed."""
+    monkeypatch.setattr(sys, 'argv', ['protonet.py', *argv])  # what the run records
+    protonet.main(protonet.parse_args(argv))
+    return capsys.readouterr().out
 
 
-def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path):
+def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path, monkeypatch, capsys,
+                                                               one_thread):
     log_dir = tmp_path / 'run'
-    output = run_script('protonet.py', '--num_support', '5', '--num_query', '5', '--batch_size',
-                        '8', '--num_train_iterations', '51', '--log_dir', str(log_dir)).stdout
+    output = run_protonet(monkeypatch, capsys, '--num_support', '5', '--num_query', '5',
+                          '--batch_size', '4', '--num_train_iterations', '51', '--log_dir',
+                          str(log_dir))
     validation = [float(v) for v in re.findall(r'Validation: .*query accuracy: ([\d.]+)', output)]
-    assert len(validation) == 2 and validation[0] < 0.9 and validation[1] >= 0.95, output
+    assert len(validation) == 2 and validation[0] < 0.85 and validation[1] >= 0.9, output
     assert re.search(r'^Iteration 50: loss: \d\.\d{3}, support accuracy: \d\.\d{3}, '
                      r'query accuracy: \d\.\d{3}$', output, re.M)
 
@@ -128,9 +126,9 @@ def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path):
     assert record['flags']['num_train_iterations'] == 51 and record['flags']['seed'] == 0
     assert '_hparams_/experiment' in events.PluginTagToContent('hparams')  # the same run
 
-    output = run_script('protonet.py', '--test', '--log_dir', str(log_dir),
-                        '--checkpoint_step', '0', '--num_support', '2', '--num_query', '10',
-                        '--num_test_tasks', '100').stdout
+    output = run_protonet(monkeypatch, capsys, '--test', '--log_dir', str(log_dir),
+                          '--checkpoint_step', '0', '--num_support', '2', '--num_query', '10',
+                          '--num_test_tasks', '100')
     assert 'Loaded checkpoint iteration 0.' in output
     match = re.search(r'^Accuracy over 100 test tasks: mean (\d\.\d{3}), '
                       r'95% confidence interval (\d\.\d{3})$', output, re.M)

@@ -45,25 +45,15 @@ def tiny_metabolism(tmp_path_factory):
     return datadir
 
 
-def refusal(script, argv, folder, capsys, monkeypatch):
-    """The one stderr line of script's main refusing argv, run in folder through util.cli."""
-    monkeypatch.chdir(folder)
-    with pytest.raises(SystemExit) as exit:
-        util.cli(lambda: script.main(script.parse_args(argv)))
-    assert exit.value.code == 2, argv
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: '), (argv, lines)
-    return lines[0]
-
-
 @pytest.mark.parametrize('script', BAD, ids=lambda script: script.__name__)
-def test_every_bad_flag_is_refused_before_anything_is_written(script, tmp_path, capsys,
-                                                              monkeypatch, tiny_metabolism):
+def test_every_bad_flag_is_refused_before_anything_is_written(script, tmp_path, monkeypatch,
+                                                              one_line_error, tiny_metabolism):
     extra = ['--datadir', str(tiny_metabolism)] if script is run_metabolism else []
     for argv in BAD[script]:
         folder = tmp_path / f'run{BAD[script].index(argv)}'
         folder.mkdir()
-        line = refusal(script, [*argv, *extra], folder, capsys, monkeypatch)
+        monkeypatch.chdir(folder)
+        line = one_line_error(lambda: script.main(script.parse_args([*argv, *extra])))
         assert argv[0].removeprefix('--') in line, (argv, line)  # refused for that flag
         assert list(folder.iterdir()) == [], (argv, list(folder.rglob('*')))
 

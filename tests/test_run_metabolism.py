@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIO_FLAGS = ['--num_way', '2', '--num_support', '5', '--num_query', '10', '--batch_size', '4',
              '--learning_rate', '0.0005']  # run_bio.sh's, but for the iterations and the device
 NUM_STEPS = 100  # trained in-process, validating and saving every INTERVAL steps
-INTERVAL = 50
+INTERVAL = 100
 NUMBER = r'(\d\.\d{3})'
 LOG_DIR = 'logs/protonet/metabolism.way_2.support_5.query_10.lr_0.0005.batch_size_4'  # default
 

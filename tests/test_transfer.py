@@ -81,7 +81,7 @@ def test_pretraining_loss_is_the_1100_way_cross_entropy(tmp_path):
 
 
 def parse(*flags):
-    return maml_transfer.parse_args([*flags])
+    return maml_transfer.parse_args([str(flag) for flag in flags])
 
 
 def pretrain(log_dir, num_iterations, checkpoint_step=-1):
@@ -132,18 +132,19 @@ def test_pretraining_steps_fit_a_batch(tmp_path):
 NUM_TEST_TASKS = 24
 
 
-def test_short_real_pretraining_logs_checkpoints_and_tests(tmp_path):
-    """The script end to end: pre-training iterations and a validation printed, a checkpoint,
-    then --test on fresh test tasks from it, its JSON beside the checkpoint."""
+def test_short_real_pretraining_logs_checkpoints_and_tests(tmp_path, capsys, one_thread):
+    """The script end to end: pre-training iterations and a validation printed, a checkpoint
+    (trained in this process), then --test on fresh test tasks from it (the command line), its
+    JSON beside the checkpoint."""
     log_dir = tmp_path / 'run'
-    result = run_script('--num_train_iterations', 11, '--batch_size', 8, '--log_dir', log_dir,
-                        '--adapt_steps', 5)
-    assert result.returncode == 0, result.stderr
+    maml_transfer.main(parse('--num_train_iterations', 11, '--batch_size', 8, '--log_dir',
+                             log_dir, '--adapt_steps', 5))
+    printed = capsys.readouterr().out
     assert re.search(r'^Iteration 10: loss: \d\.\d{3}, classification accuracy: \d\.\d{3}$',
-                     result.stdout, re.M)
+                     printed, re.M)
     validation = re.findall(
         r'^Validation: loss: [\d.]+, post-adaptation support accuracy: ([\d.]+), '
-        r'post-adaptation query accuracy: ([\d.]+)$', result.stdout, re.M)
+        r'post-adaptation query accuracy: ([\d.]+)$', printed, re.M)
     assert len(validation) == 1 and all(0 < float(v) <= 1 for v in validation[0])
     assert sorted(p.name for p in log_dir.glob('*.pt')) == ['state0.pt']
     result = run_script('--test', '--log_dir', log_dir, '--checkpoint_step', 0,
