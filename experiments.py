@@ -38,7 +38,7 @@ STABILITY_SETTING = ('--num_way', '5', '--num_support', '1', '--num_inner_steps'
                      '--inner_lr', '0.4')
 STABILITY_METHODS = {'maml': (), 'mamlpp': ('--mamlpp',)}
 STABILITY_SEEDS = (0, 1, 2)
-TINY = {'iterations': 1, 'batch_size': 2, 'test_tasks': 10}  # --scale tiny: one of everything
+TINY = {'iterations': 1, 'batch_size': 1, 'test_tasks': 4}  # --scale tiny: one of everything
 # Flags that say where and how fast a run goes, not what it computes.
 PLACEMENT_FLAGS = ('log_dir', 'checkpoint_step', 'resume', 'test', 'device', 'amp', 'num_workers',
                    'cache', 'compile', 'backend', 'num_test_tasks', 'datadir', 'tasks')
@@ -51,7 +51,12 @@ class Run:
     flags: tuple  # the handout's flags, as a student types them
     iterations: int  # the full length
     tests: tuple = ()  # (num_support, num_query) of each --test at the last checkpoint
-    save_interval: int = training.SAVE_INTERVAL
+
+    @property
+    def save_interval(self):
+        """The script's steps between checkpoints: its own SAVE_INTERVAL (run_metabolism.py's,
+        as run_bio.sh's run saves), else the shared loop's."""
+        return getattr(script_module(self.script), 'SAVE_INTERVAL', training.SAVE_INTERVAL)
 
     def last_checkpoint(self, iterations):
         """The step of the last checkpoint a run of that many iterations saves."""
@@ -108,7 +113,7 @@ RUNS = (
         15000, ONE_SHOT_TEST),
     Run('maml_learned_inner_lrs', 'maml.py', ('--learn_inner_lrs',), 15000, SWEEP_TESTS),
     # Part 4: ProtoNet on TDC Metabolism, run_bio.sh's command
-    Run('metabolism', 'run_metabolism.py', *run_bio_command(), ((5, 10),), save_interval=2000),
+    Run('metabolism', 'run_metabolism.py', *run_bio_command(), ((5, 10),)),
     # Second handout: first-order MAML (1000 iterations), MAML++, the transfer baseline
     Run('fomaml_5shot', 'maml.py', ('--first_order', '--num_support', '5', '--num_inner_steps', '5'),
         1001, ((5, 15),)),

@@ -37,6 +37,9 @@ MSL_FRACTION = 0.08  # multi-step loss annealed over 20 of 250 epochs ('multi_st
 MSL_MIN_WEIGHT = 0.03  # each non-final step keeps 0.03 / steps ('min_value_for_non_final_losses')
 FIRST_ORDER_FRACTION = 1 / 3  # ours: the paper used first order for its first 50 epochs
 MIN_OUTER_LR = 1e-5  # cosine annealing of the outer learning rate down to 'min_learning_rate'
+# TensorBoard tags: learned inner lrs as inner_lrs/{key}[/step_{i}]; the cosine's outer lr
+INNER_LR_TAG = 'inner_lrs'
+OUTER_LR_TAG = 'outer_lr'
 
 
 @dataclass
@@ -460,12 +463,13 @@ class MAML(training.MetaLearner):
         if self._learn_inner_lrs:
             for key, value in self._inner_lrs.items():
                 if value.dim() == 0:
-                    writer.add_scalar(f'inner_lrs/{key}', value.item(), step)
+                    writer.add_scalar(f'{INNER_LR_TAG}/{key}', value.item(), step)
                     continue
                 for inner_step, learning_rate in enumerate(value.tolist()):
-                    writer.add_scalar(f'inner_lrs/{key}/step_{inner_step}', learning_rate, step)
+                    writer.add_scalar(f'{INNER_LR_TAG}/{key}/step_{inner_step}', learning_rate,
+                                      step)
         if self._maml_plus_plus.cosine_iterations:
-            writer.add_scalar('outer_lr', self._optimizer.param_groups[0]['lr'], step)
+            writer.add_scalar(OUTER_LR_TAG, self._optimizer.param_groups[0]['lr'], step)
 
     def _checkpoint_state(self):
         state = {name: {key: value.detach() for key, value in getattr(self, '_' + name).items()}

@@ -175,9 +175,9 @@ def draw_metrics(name, metrics):
 def draw_inner_lrs(name):
     def draw(ax, runs):
         for tag in sorted(tag for tag in runs.events(name).Tags()['scalars']
-                          if tag.startswith('inner_lrs/')):
-            ax.plot(*runs.curve(name, tag), label=tag.removeprefix('inner_lrs/'), marker='o',
-                    markersize=2)
+                          if tag.startswith(f'{maml.INNER_LR_TAG}/')):
+            ax.plot(*runs.curve(name, tag), label=tag.removeprefix(f'{maml.INNER_LR_TAG}/'),
+                    marker='o', markersize=2)
         ax.set_ylabel('inner learning rate')
     return draw
 

@@ -409,6 +409,9 @@ def add_tasks_arg(parser):
 
 # The task shape, as every default log dir starts: (name in the log dir, flag).
 TASK_FIELDS = (('way', 'num_way'), ('support', 'num_support'), ('query', 'num_query'))
+# What a --test result is of, as its file name says: the task shape, then the inner steps of a
+# script that has the flag (maml.py's gradient steps of adaptation).
+TEST_FIELDS = (*TASK_FIELDS, ('inner_steps', 'num_inner_steps'))
 
 
 def default_log_dir(learner, dataset, args, fields, options=()):
@@ -550,13 +553,15 @@ def log_hparams(writer, args, metric):
         writer.file_writer.add_summary(summary)
 
 
+def test_fields(args):
+    """{name: value} of the TEST_FIELDS among a script's flags, in order."""
+    return {name: getattr(args, flag) for name, flag in TEST_FIELDS if flag in vars(args)}
+
+
 def test_result_path(args, log_dir):
     """{log_dir}/test.way_W.support_K.query_Q[.inner_steps_L].step_S.json."""
-    inner_steps = (f'.inner_steps_{args.num_inner_steps}'
-                   if hasattr(args, 'num_inner_steps') else '')
-    return os.path.join(log_dir, f'test.way_{args.num_way}.support_{args.num_support}'
-                                 f'.query_{args.num_query}{inner_steps}'
-                                 f'.step_{args.checkpoint_step}.json')
+    fields = ''.join(f'.{name}_{value}' for name, value in test_fields(args).items())
+    return os.path.join(log_dir, f'test{fields}.step_{args.checkpoint_step}.json')
 
 
 def write_test_result(args, log_dir, mean, ci95, accuracies):
@@ -566,5 +571,5 @@ def write_test_result(args, log_dir, mean, ci95, accuracies):
         run_record(args), mean=float(mean), ci95=float(ci95),
         accuracies=[float(a) for a in accuracies], num_tasks=len(accuracies),
         way=args.num_way, shot=args.num_support, query=args.num_query,
-        inner_steps=getattr(args, 'num_inner_steps', None),
+        inner_steps=test_fields(args).get('inner_steps'),
         checkpoint_step=args.checkpoint_step), test_result_path(args, log_dir))

@@ -6,7 +6,6 @@ would start, through the script's own parse_args and main: a subprocess would sp
 4 s importing torch. experiments.py's own subprocesses, their signals and console.log are
 tested by test_a_second_call_does_no_work here and by test_preemption.py."""
 import contextlib
-import dataclasses
 import io
 import json
 import re
@@ -21,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import experiments
 import report
+import run_metabolism
 import training
 import util
 
@@ -47,11 +47,13 @@ def run_here(job, passthrough, description):
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory, built):
     """(log root, report folder, experiments.py's printed output, {slug: figure}): the whole
-    list."""
+    list, the metabolism run validating on 8 tasks instead of its 2,400 (test_run_metabolism.py
+    tests those)."""
     root = tmp_path_factory.mktemp('experiments')
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.setattr(experiments.Job, 'execute', run_here)
+        patch.setattr(run_metabolism, 'NUM_VAL_TASKS', 8)
         experiments.main(experiments.parse_args(['--scale', 'tiny', '--log_root',
                                                  str(root / 'logs'), '--datadir', str(built[0])]))
     figures = report.write_report(root / 'logs', root / 'report')
@@ -134,7 +136,7 @@ def test_the_report_numbers_are_the_json_results(tiny):
     commands = {row[0]: row[1] for row in found['Every run and how it was made']}
     assert set(commands) == {run.name for run in experiments.RUNS}
     assert commands['fomaml_5shot'].startswith('`maml.py --first_order --num_support 5 '
-                                               '--num_inner_steps 5 --batch_size 2')
+                                               '--num_inner_steps 5 --batch_size 1')
 
 
 def test_a_figure_draws_the_logged_scalars(tiny):
@@ -170,7 +172,7 @@ def test_a_stopped_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch)
     """A run of 5 iterations with a checkpoint every 2, stopped before its last checkpoint (as
     a run killed at iteration 3 is: its checkpoint 4 removed), resumes at 3, then is tested."""
     monkeypatch.setattr(training, 'SAVE_INTERVAL', 2)
-    run = dataclasses.replace(experiments.BY_NAME['protonet_5shot'], save_interval=2)
+    run = experiments.BY_NAME['protonet_5shot']
     plan = experiments.Plan(run, tmp_path / run.name, 5,
                             [*run.flags, '--batch_size', '2', '--num_query', '2',
                              '--num_train_iterations', '5'], 4)
@@ -192,7 +194,7 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path, capsys):
             (['--scale', '2'], "--scale must be 'full', 'tiny' or a fraction in (0, 1], got '2'"),
             (['--only', 'protonet_2shot'], 'no run named protonet_2shot'),
             (['--scale', '0.5', '--log_root', str(log_root), '--only', 'protonet_1shot'],
-             f'{log_root / "protonet_1shot"} holds a run made with --batch_size 2 (this scale: '
+             f'{log_root / "protonet_1shot"} holds a run made with --batch_size 1 (this scale: '
              '16), --num_train_iterations 1 (this scale: 2500)')):
         with pytest.raises(SystemExit) as exit:
             util.cli(lambda: experiments.main(experiments.parse_args(argv)))

@@ -49,6 +49,9 @@ def test_a_run_reaches_its_latest_checkpoint_or_all_once_its_last_is_saved(tmp_p
     assert run.reached(tmp_path, 5000) == 301
     (tmp_path / 'state4900.pt').touch()
     assert run.reached(tmp_path, 5000) == 5000
+    # run_bio.sh's run saves every 2000 steps (run_metabolism.py's interval): 8000 end at 6000
+    metabolism = experiments.BY_NAME['metabolism']
+    assert metabolism.last_checkpoint(8000) == 6000 and metabolism.reached(tmp_path, 8000) == 4901
 
 
 def test_a_stopped_run_is_reported_with_the_iterations_it_reached(stopped):
