@@ -287,8 +287,8 @@ class MAML(training.MetaLearner):
     TEST_METRIC = 'post_adapt_query'
 
     def __init__(self, num_outputs, num_inner_steps, inner_lr, learn_inner_lrs, outer_lr,
-                 log_dir, device, first_order=False, val_interval=None, save_interval=None,
-                 amp='none', maml_plus_plus=MAMLPlusPlus(), tasks='loop'):
+                 log_dir, device, first_order=False, maml_plus_plus=MAMLPlusPlus(),
+                 settings=training.RunSettings()):
         """Inits MAML.
 
         The network's weights are stored as a dict of leaf tensors, `_meta_parameters`, and the
@@ -308,12 +308,10 @@ class MAML(training.MetaLearner):
             log_dir (str): path to logging directory
             device (str or torch.device): device to be used
             first_order (bool): first-order MAML: no gradient through the inner gradients
-            val_interval, save_interval (int): steps between validations / checkpoints
-            amp (str): 'bf16' for bfloat16 autocast (--amp), 'none' for float32
             maml_plus_plus (MAMLPlusPlus): the MAML++ options; all off by default
-            tasks (str): 'loop', 'batched' or 'auto' (--tasks; training.batched_tasks)
+            settings (training.RunSettings): intervals, --amp and --tasks
         """
-        super().__init__(log_dir, device, val_interval, save_interval, amp=amp, tasks=tasks)
+        super().__init__(log_dir, device, settings)
         self._meta_parameters = {key: value.to(device).requires_grad_()
                                  for key, value in init_parameters(num_outputs).items()}
         lr_shape = (num_inner_steps,) if maml_plus_plus.per_step_inner_lrs else ()
@@ -553,8 +551,8 @@ def main(args):
                                                args.seed),
                   lambda log_dir, device: MAML(
                       args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs,
-                      args.outer_lr, log_dir, device, args.first_order, amp=args.amp,
-                      maml_plus_plus=maml_plus_plus(args), tasks=args.tasks),
+                      args.outer_lr, log_dir, device, args.first_order, maml_plus_plus(args),
+                      training.RunSettings(amp=args.amp, tasks=args.tasks)),
                   default_log_dir(args))
 
 

@@ -84,16 +84,17 @@ class TransferLearner(training.MetaLearner):
     architecture = (f'transfer/conv{maml.NUM_CONV_LAYERS}x{maml.NUM_HIDDEN_CHANNELS}'
                     f'/{NUM_CLASSES}-way')
 
-    def __init__(self, learning_rate, adapt_steps, adapt_lr, log_dir, device, amp='none',
-                 val_interval=None, save_interval=None):
+    def __init__(self, learning_rate, adapt_steps, adapt_lr, log_dir, device,
+                 settings=training.RunSettings()):
         """
         Args:
             learning_rate (float): Adam's learning rate for pre-training
             adapt_steps (int): gradient steps fitting a task's new linear layer
             adapt_lr (float): their step size
-            log_dir, device, amp, val_interval, save_interval: as training.MetaLearner takes them
+            log_dir, device, settings: as training.MetaLearner takes them (settings.tasks
+                decides how transfer_learn embeds an evaluation batch's tasks)
         """
-        super().__init__(log_dir, device, val_interval, save_interval, amp=amp)
+        super().__init__(log_dir, device, settings)
         self._parameters = {key: value.to(device).requires_grad_()
                             for key, value in maml.init_parameters(NUM_CLASSES).items()}
         self._adapt_steps = adapt_steps
@@ -174,7 +175,7 @@ def main(args):
                                          args.seed),
                   lambda log_dir, device: TransferLearner(args.learning_rate, args.adapt_steps,
                                                           args.adapt_lr, log_dir, device,
-                                                          amp=args.amp),
+                                                          training.RunSettings(amp=args.amp)),
                   default_log_dir(args))
 
 

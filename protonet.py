@@ -97,8 +97,8 @@ class ProtoNet(training.MetaLearner):
             num_way (int): classes per task; None: counted in each batch's labels, which makes
                 the host wait for the device once per batch
         """
-        super().__init__(log_dir, device, val_interval, save_interval, val_ci95=bio, amp=amp,
-                         tasks=tasks)
+        super().__init__(log_dir, device, training.RunSettings(val_interval, save_interval,
+                                                               val_ci95=bio, amp=amp, tasks=tasks))
         self._num_way = num_way
         self._network = (learner or ProtoNetNetwork()).to(device)
         self.architecture = f'protonet/{type(self._network).__name__}'

@@ -28,6 +28,7 @@ status 128 + the signal's number); a second signal ends it at once, the last who
 kept. `--resume` continues from the newest checkpoint that loads, by itself, as torchrun's
 restarts (--max-restarts) need.
 """
+import dataclasses
 import datetime
 import os
 import re
@@ -52,31 +53,45 @@ TASKS_CHOICES = ('loop', 'batched', 'auto')
 AUTO_TASKS = {'cpu': 'loop'}
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How a learner runs, apart from what it learns: what every learner hands to the loop.
+
+    Attributes:
+        val_interval, save_interval (int): steps between validations / checkpoints; None:
+            VAL_INTERVAL, SAVE_INTERVAL
+        val_ci95 (bool): validation also reports the 95% interval of TEST_METRIC
+        amp (str): 'bf16' runs every _evaluate under bfloat16 autocast (--amp); 'none' float32
+        tasks (str): how _evaluate runs a batch's tasks (batched_tasks, --tasks): 'loop',
+            'batched' or 'auto'
+    """
+    val_interval: int = None
+    save_interval: int = None
+    val_ci95: bool = False
+    amp: str = 'none'
+    tasks: str = 'loop'
+
+
 class MetaLearner:
     METRICS = {}
     TRAIN_METRICS = None
     TEST_METRIC = None
     architecture = None
 
-    def __init__(self, log_dir, device, val_interval=None, save_interval=None, val_ci95=False,
-                 amp='none', tasks='loop'):
+    def __init__(self, log_dir, device, settings=RunSettings()):
         """
         Args:
             log_dir (str): where checkpoints (and, through main, TensorBoard logs) go
             device (str or torch.device): device to train and test on
-            val_interval, save_interval (int): steps between validations / checkpoints
-            val_ci95 (bool): validation also reports the 95% interval of TEST_METRIC
-            amp (str): 'bf16' runs every _evaluate under bfloat16 autocast; 'none' float32
-            tasks (str): how _evaluate runs a batch's tasks (batched_tasks): 'loop', 'batched'
-                or 'auto'; the learner reads self._batched
+            settings (RunSettings): intervals, amp and tasks; the learner reads self._batched
         """
         self._log_dir = log_dir
         self._device = device
-        self._val_interval = val_interval or VAL_INTERVAL
-        self._save_interval = save_interval or SAVE_INTERVAL
-        self._val_ci95 = val_ci95
-        self._amp = amp
-        self._batched = batched_tasks(tasks, device)
+        self._val_interval = settings.val_interval or VAL_INTERVAL
+        self._save_interval = settings.save_interval or SAVE_INTERVAL
+        self._val_ci95 = settings.val_ci95
+        self._amp = settings.amp
+        self._batched = batched_tasks(settings.tasks, device)
         self._start_train_step = 0
         self._loader_states = None
         self._unread = []  # (step, _train_step's summary on the device) not yet read

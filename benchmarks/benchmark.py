@@ -32,6 +32,7 @@ import metabolism
 import omniglot
 import protonet
 import reference
+import training
 import util
 from benchmarks.course_pipeline import course_dataloader, write_png_folder
 from benchmarks.numerics import BATCHED, LEARNING_RATE, MAML_INNER_LR, MAML_ROWS, check_numerics
@@ -151,7 +152,8 @@ class Bench:
     # MAML, 5-way 1-shot
     def maml(self, num_inner_steps, first_order=False, amp='none', tasks='loop'):
         return maml.MAML(5, num_inner_steps, MAML_INNER_LR, False, LEARNING_RATE, self.log_dir,
-                         self.device, first_order=first_order, amp=amp, tasks=tasks)
+                         self.device, first_order=first_order,
+                         settings=training.RunSettings(amp=amp, tasks=tasks))
 
     def course_maml(self):
         parameters = {key: value.to(self.device).requires_grad_()
@@ -175,7 +177,8 @@ class Bench:
     # the transfer baseline's adaptation, 5-way 5-shot: a new linear layer fitted per task
     def transfer(self, amp='none'):
         return maml_transfer.TransferLearner(LEARNING_RATE, self.sizes.adapt_steps, 2.0,
-                                             self.log_dir, self.device, amp=amp)
+                                             self.log_dir, self.device,
+                                             training.RunSettings(amp=amp))
 
     def reference_transfer_validate(self):
         """reference.transfer_learn, a task at a time, on the tasks ours_validate draws."""

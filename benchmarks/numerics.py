@@ -17,6 +17,7 @@ import maml
 import omniglot
 import protonet
 import reference
+import training
 
 RELATIVE_TOLERANCE = 1e-4
 ACCURACY_MARGIN = 2
@@ -103,7 +104,7 @@ def check_maml(task_batch, num_inner_steps, first_order, seed, device, log_dir):
     """
     learners = seeded_learners(lambda tasks: maml.MAML(
         5, num_inner_steps, MAML_INNER_LR, False, LEARNING_RATE, log_dir, device,
-        first_order=first_order, tasks=tasks), seed)
+        first_order=first_order, settings=training.RunSettings(tasks=tasks)), seed)
     meta_parameters = learners['loop']._meta_parameters
     inner_lrs = dict.fromkeys(meta_parameters, MAML_INNER_LR)
 

@@ -74,8 +74,8 @@ def maml_meta_gradient(tmp_path, task_batch, num_inner_steps, amp, first_order):
     """(loss, metrics, every meta-gradient flat: the weights' and the learned inner lrs') of a
     seeded 5-way MAML on task_batch, under the training loop's autocast."""
     torch.manual_seed(0)  # the same weights for all
-    model = maml.MAML(5, num_inner_steps, 0.4, True, 0.001, str(tmp_path), 'cpu', amp=amp,
-                      first_order=first_order)
+    model = maml.MAML(5, num_inner_steps, 0.4, True, 0.001, str(tmp_path), 'cpu',
+                      first_order=first_order, settings=training.RunSettings(amp=amp))
     with model._autocast():
         loss, metrics = model._evaluate(task_batch, train=True)
     loss.backward()

@@ -157,7 +157,8 @@ def test_maml_batched_equals_the_loop_in_float64(tmp_path, omniglot_batch, confi
         torch.manual_seed(0)
         model = distinct_lrs_and_norms(reference.maml_in_float64(maml.MAML(
             NUM_WAY, num_inner_steps, 0.4, outer_lr=0.001, log_dir=str(tmp_path), device='cpu',
-            tasks=tasks, **{'learn_inner_lrs': False, **options})))
+            settings=training.RunSettings(tasks=tasks),
+            **{'learn_inner_lrs': False, **options})))
         model._iteration = iteration
         if config in REFERENCE_SECOND_ORDER:
             assert model._second_order() == REFERENCE_SECOND_ORDER[config]
@@ -196,8 +197,8 @@ def test_batched_bf16_is_close_to_float32_as_the_loop_s(tmp_path, omniglot_batch
             torch.manual_seed(0)  # the same weights for all
             model = (protonet.ProtoNet(0.001, str(tmp_path), 'cpu', amp=amp, tasks=tasks)
                      if learner == 'ProtoNet' else
-                     maml.MAML(5, 2, 0.4, True, 0.001, str(tmp_path), 'cpu', amp=amp,
-                               tasks=tasks))
+                     maml.MAML(5, 2, 0.4, True, 0.001, str(tmp_path), 'cpu',
+                               settings=training.RunSettings(amp=amp, tasks=tasks)))
             results[amp, tasks] = autocast_results(model, task_batch)
     loss32, gradient32 = results['none', 'batched']
     for tasks in ('loop', 'batched'):

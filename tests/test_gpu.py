@@ -53,18 +53,19 @@ PLUS_PLUS = maml.MAMLPlusPlus(msl_iterations=10, per_step_inner_lrs=True, per_st
 def build(name, device, amp='none', tasks='loop', log_dir='unused'):
     """The learner name on device, with the weights torch.manual_seed(0) gives."""
     torch.manual_seed(0)
+    settings = training.RunSettings(amp=amp, tasks=tasks)
     maml_learner = functools.partial(maml.MAML, WAY, 2, 0.4, False, 0.001, log_dir, device,
-                                     amp=amp, tasks=tasks)
+                                     settings=settings)
     return {
         'protonet': lambda: protonet.ProtoNet(0.001, log_dir, device, amp=amp, tasks=tasks,
                                               num_way=WAY),
         'maml': maml_learner,
         'maml learned lrs': lambda: maml.MAML(WAY, 2, 0.4, True, 0.001, log_dir, device,
-                                              amp=amp, tasks=tasks),
+                                              settings=settings),
         'maml first order': lambda: maml_learner(first_order=True),
         'maml++': lambda: maml_learner(maml_plus_plus=PLUS_PLUS),
-        'transfer': lambda: maml_transfer.TransferLearner(0.001, 5, 2.0, log_dir, device,
-                                                          amp=amp),
+        'transfer': lambda: maml_transfer.TransferLearner(
+            0.001, 5, 2.0, log_dir, device, training.RunSettings(amp=amp)),
         'metabolism': lambda: protonet.ProtoNet(0.001, log_dir, device, amp=amp, tasks=tasks,
                                                 num_way=2, learner=run_metabolism.FCNet()),
     }[name]()

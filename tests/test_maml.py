@@ -194,7 +194,8 @@ def test_the_training_graph_holds_the_inner_gradients_exactly_when_second_order(
     for first_order in (False, True):
         torch.manual_seed(0)
         model = reference.maml_in_float64(maml.MAML(NUM_WAY, 2, 0.4, True, 0.001, str(tmp_path),
-                                                    'cpu', first_order=first_order, tasks=tasks))
+                                                    'cpu', first_order=first_order,
+                                                    settings=training.RunSettings(tasks=tasks)))
         loss, _ = model._evaluate(tiny_tasks(), train=True)
         double_backward = {name for name in autograd_node_names(loss)
                            if 'BackwardBackward' in name}
@@ -255,7 +256,8 @@ def train(log_dir, num_iterations, checkpoint_step, save_interval,
     def build(log_dir, device):
         models.append(maml.MAML(args.num_way, args.num_inner_steps, args.inner_lr,
                                 args.learn_inner_lrs, 0.01, log_dir, device,
-                                save_interval=save_interval, maml_plus_plus=maml_plus_plus))
+                                maml_plus_plus=maml_plus_plus,
+                                settings=training.RunSettings(save_interval=save_interval)))
         return models[0]
     training.main(args, omniglot.OmniglotTasks(args.num_way, args.num_support, args.num_query,
                                                args.seed), build, 'unused')

@@ -93,7 +93,7 @@ def pretrain(log_dir, num_iterations, checkpoint_step=-1):
     def build(log_dir, device):
         learners.append(maml_transfer.TransferLearner(args.learning_rate, args.adapt_steps,
                                                       args.adapt_lr, log_dir, device,
-                                                      val_interval=100, save_interval=2))
+                                                      training.RunSettings(100, 2)))
         return learners[0]
     training.main(args, maml_transfer.PretrainingTasks(args.num_way, args.num_support,
                                                        args.num_query, args.seed),
