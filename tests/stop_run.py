@@ -1,7 +1,8 @@
 """float64_run.py's run (float64, a checkpoint every step), made to be stopped at a known point
 for tests/test_preemption.py; the environment says where:
 
-    SIGNAL=NAME SIGNAL_STEP=N [SIGNAL_RANK=R]   this process sends itself signal NAME in the
+    SIGNAL=NAME SIGNAL_STEP=N [SIGNAL_RANK=R] [SIGNAL_LAUNCHER=1]   this process sends itself
+        (or, with SIGNAL_LAUNCHER, its parent: the torchrun that started it) signal NAME in the
         middle of step N (before its optimizer step), if its RANK is R (default 0), and only in
         torchrun's first attempt (TORCHELASTIC_RESTART_COUNT), so a restart runs through
     SLOW_SAVE=N   the checkpoint of step N is written half, then 'Saving N' is printed and the
@@ -24,14 +25,16 @@ SLOW_SAVE_SECONDS = 60
 
 
 def signal_in_step(train_step):
-    """train_step, which in step SIGNAL_STEP first sends this process SIGNAL."""
+    """train_step, which in step SIGNAL_STEP first sends this process (or its launcher)
+    SIGNAL."""
     signum = signal.Signals[os.environ['SIGNAL']]
     when = (int(os.environ['SIGNAL_STEP']), os.environ.get('SIGNAL_RANK', '0'), '0')
+    target = os.getppid() if os.environ.get('SIGNAL_LAUNCHER') else os.getpid()
 
     def step(self, task_batch, number):
         if (number, os.environ.get('RANK', '0'),
                 os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) == when:
-            os.kill(os.getpid(), signum)
+            os.kill(target, signum)
         return train_step(self, task_batch, number)
     return step
 

@@ -1,5 +1,6 @@
 """A run survives its machine: stop signals, a second signal while saving, a damaged newest
-checkpoint, a torchrun worker killed mid-run, experiments.py stopped and started again.
+checkpoint, a torchrun worker killed mid-run, a signal to the torchrun launcher, experiments.py
+stopped and started again.
 
 Real processes and real signals, on the CPU. Training runs go through stop_run.py (float64, a
 checkpoint every step; float64_run.py says why), which stops them at a chosen point; the
@@ -189,3 +190,33 @@ def test_experiments_stopped_by_sigterm_and_started_again_does_no_finished_work_
                             env=env).stdout
     assert 'stability_maml_seed_0' in listed, listed
     assert 'stopped' not in listed and 'to do' not in listed, listed
+
+
+def test_torchrun_passes_a_signal_on_and_its_processes_stop_after_the_same_step(
+        tmp_path, uninterrupted):
+    """Slurm's SIGUSR1 reaches the launcher (`torchrun --signals-to-handle=...,SIGUSR1`; here
+    rank 0 sends it to its parent in step 1): torchrun sends it to both processes, which stop
+    after the same step, rank 0 saving it and printing once how to continue. The step is the
+    one the signal reached them in, 1 or 2; --resume with one process then ends the run.
+    Checkpoints are compared up to step 2 (past three steps, test_torchrun_restarts... says
+    why)."""
+    process = start('protonet.py', tmp_path,
+                    command=(*TORCHRUN, '--signals-to-handle=SIGTERM,SIGINT,SIGUSR1',
+                             'tests/stop_run.py'),
+                    SIGNAL='SIGUSR1', SIGNAL_STEP='1', SIGNAL_LAUNCHER='1')
+    status, _, err = finish(process)
+    assert status != 0, err[-3000:]  # torchrun itself ends by the signal
+    stopped = [line for line in err.splitlines() if line.startswith('Stopped by ')]
+    assert len(stopped) == 1, err[-3000:]
+    step = int(stopped[0].split()[5].rstrip(','))
+    assert step in (1, 2) and stopped[0] == (
+        f'Stopped by SIGUSR1 after iteration {step}, saved in {tmp_path}/state{step}.pt; '
+        f'continue with: torchrun --nproc_per_node=2 {ROOT / "protonet.py"} '
+        f'{" ".join(train_flags("protonet.py", tmp_path))} --resume')
+    assert sorted(p.name for p in tmp_path.glob('state*')) == [f'state{s}.pt'
+                                                               for s in range(step + 1)]
+    printed = resume('protonet.py', tmp_path)
+    assert f'Loaded checkpoint iteration {step}.\nStarting training at iteration {step + 1}.' \
+        in printed
+    assert_same_checkpoints(tmp_path, uninterrupted('protonet.py'), range(3))
+    assert (tmp_path / f'state{STEPS - 1}.pt').is_file()
