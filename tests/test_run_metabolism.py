@@ -32,13 +32,13 @@ NUMBER = r'(\d\.\d{3})'
 LOG_DIR = 'logs/protonet/metabolism.way_2.support_5.query_10.lr_0.0005.batch_size_4'  # default
 
 
-def run_script(*args, cwd=ROOT, **env):
-    """Runs run_metabolism.py with args and extra environment variables; returns the
-    CompletedProcess (text stdout, stderr). One thread: the network is tiny, and beside other
-    work on a small machine, two threads waiting for each other made --test much slower."""
+def run_script(*args, cwd=ROOT):
+    """Runs run_metabolism.py with args; returns the CompletedProcess (text stdout, stderr).
+    One thread: the network is tiny, and beside other work on a small machine, two threads
+    waiting for each other made --test much slower."""
     return subprocess.run([sys.executable, str(ROOT / 'run_metabolism.py'), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS='1', **env))
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 
 # ----- the encoder -----
@@ -202,21 +202,20 @@ def test_cache_prepares_the_data_and_exits(built, tmp_path, monkeypatch, capsys)
     assert list(tmp_path.iterdir()) == []  # no log dir, no checkpoint
 
 
-def test_num_way_other_than_2_fails_before_loading(tmp_path):
-    result = run_script('--num_way', 3, '--datadir', tmp_path / 'absent')
-    assert result.returncode == 2
-    assert result.stderr == ('error: --num_way 3: the metabolism data is binary (labels 0 and 1);'
-                             ' use --num_way 2\n')
-    assert result.stdout == '' and not (tmp_path / 'absent').exists()
+def test_num_way_other_than_2_fails_before_loading(tmp_path, one_line_error):
+    argv = ['--num_way', '3', '--datadir', str(tmp_path / 'absent')]
+    assert one_line_error(lambda: run_metabolism.main(run_metabolism.parse_args(argv))) == (
+        'error: --num_way 3: the metabolism data is binary (labels 0 and 1); use --num_way 2')
+    assert not (tmp_path / 'absent').exists()
 
 
-def test_missing_data_names_the_data_sets(tmp_path):
+def test_missing_data_names_the_data_sets(tmp_path, monkeypatch, one_line_error):
     mirror = tmp_path / 'empty_mirror'
     mirror.mkdir()
-    result = run_script('--datadir', tmp_path / 'data', TDC_MIRROR=str(mirror))
-    assert result.returncode == 2
-    assert 'Traceback' not in result.stderr
-    message = result.stderr.strip().splitlines()[-1]
+    monkeypatch.setenv('TDC_MIRROR', str(mirror))
+    monkeypatch.chdir(tmp_path)
+    argv = ['--datadir', str(tmp_path / 'data')]
+    message = one_line_error(lambda: run_metabolism.main(run_metabolism.parse_args(argv)))
     assert message.startswith('error: could not download')
     assert all(name in message for name in metabolism.ALL_SETS), message
     assert 'TDC_MIRROR' in message
