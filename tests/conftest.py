@@ -58,7 +58,7 @@ def built(tmp_path_factory):
     """(datadir, data, printed output, seconds): all 8 real files built through a file://
     mirror, once for all of pytest-xdist's workers (under a lock, in the folder they share),
     then copied into a datadir of this worker's own, which the printed output names."""
-    import metabolism  # here, not above: only the sessions that need it pay for RDKit
+    import metabolism  # here, not above: only test runs that need it pay for RDKit
     assert RAW.is_dir(), f'{RAW} is missing: the tests need ../shared beside the repository'
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get('PYTEST_XDIST_WORKER'):

@@ -1,6 +1,6 @@
 """run_metabolism.py and run_bio.sh: the fingerprint encoder, real training, --test, user errors.
 
-Training uses the real TDC data that conftest.py's `built` fixture builds once per session.
+Training uses the real TDC data that conftest.py's `built` fixture builds once per test run.
 """
 import contextlib
 import io
