@@ -197,7 +197,8 @@ def test_torchrun_passes_a_signal_on_and_its_processes_stop_after_the_same_step(
     """Slurm's SIGUSR1 reaches the launcher (`torchrun --signals-to-handle=...,SIGUSR1`; here
     rank 0 sends it to its parent in step 1): torchrun sends it to both processes, which stop
     after the same step, rank 0 saving it and printing once how to continue. The step is the
-    one the signal reached them in, 1 or 2; --resume with one process then ends the run.
+    one the signal reached them in (1, or later on a busy machine); --resume with one process
+    then ends the run.
     Checkpoints are compared up to step 2 (past three steps, test_torchrun_restarts... says
     why)."""
     process = start('protonet.py', tmp_path,
@@ -209,7 +210,7 @@ def test_torchrun_passes_a_signal_on_and_its_processes_stop_after_the_same_step(
     stopped = [line for line in err.splitlines() if line.startswith('Stopped by ')]
     assert len(stopped) == 1, err[-3000:]
     step = int(stopped[0].split()[5].rstrip(','))
-    assert step in (1, 2) and stopped[0] == (
+    assert 1 <= step < STEPS - 1 and stopped[0] == (
         f'Stopped by SIGUSR1 after iteration {step}, saved in {tmp_path}/state{step}.pt; '
         f'continue with: torchrun --nproc_per_node=2 {ROOT / "protonet.py"} '
         f'{" ".join(train_flags("protonet.py", tmp_path))} --resume')
