@@ -241,9 +241,9 @@ class Job:
 
     def execute(self, passthrough, description):
         """Runs the command, its output appended to the run's console.log a line at a time (so
-        that `tail -f` follows it); a tqdm bar follows the printed iterations. A stop signal goes on to the command (in a process group of
-        its own, so that a terminal's Ctrl-C reaches it once), which saves and stops; then
-        this stops too (util.Stopped)."""
+        that `tail -f` follows it); a tqdm bar follows the printed iterations. A stop signal
+        goes on to the command (in a process group of its own, so that a terminal's Ctrl-C
+        reaches it once), which saves and stops; then this stops too (util.Stopped)."""
         from tqdm import tqdm
         command = self.command(passthrough)
         self.plan.log_dir.mkdir(parents=True, exist_ok=True)

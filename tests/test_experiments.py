@@ -2,8 +2,8 @@
 handouts, every figure and table, numbers and points checked against what the runs wrote.
 
 The tiny tree's 38 jobs run in this process (`run_here`), each the command experiments.py
-would start, through the script's own parse_args and main: a subprocess would spend most of its
-4 s importing torch. experiments.py's own subprocesses, their signals and console.log are
+would start, as `python script flags...` runs it: a subprocess would spend most of its 4 s
+importing torch. experiments.py's own subprocesses, their signals and console.log are
 tested by test_a_second_call_does_no_work here and by test_preemption.py."""
 import contextlib
 import io
@@ -19,8 +19,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import experiments
+import float64_run
 import report
-import run_metabolism
 import training
 import util
 
@@ -32,28 +32,24 @@ def run_script(*argv):
 
 
 def run_here(job, passthrough, description):
-    """Job.execute in this process: the script's main on the job's command line (sys.argv, which
-    the run records), its printed output appended to the run's console.log after that line."""
-    command = job.command(passthrough)[1:]
-    module = experiments.script_module(Path(command[0]).name)
+    """Job.execute in this process: the job's command as `python script flags...` runs it
+    (float64_run.run_float32), its printed output appended to the run's console.log after the
+    command line."""
+    script, *flags = job.command(passthrough)[1:]
     job.plan.log_dir.mkdir(parents=True, exist_ok=True)
-    with open(job.plan.log_dir / 'console.log', 'a') as log, contextlib.redirect_stdout(log), \
-            pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, 'argv', command)
-        print(f'$ {shlex.join(command)}')
-        module.main(module.parse_args(command[1:]))
+    with open(job.plan.log_dir / 'console.log', 'a') as log, contextlib.redirect_stdout(log):
+        print(f'$ {shlex.join([script, *flags])}')
+        float64_run.run_float32(script, flags)
 
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory, built):
     """(log root, report folder, experiments.py's printed output, {slug: figure}): the whole
-    list, the metabolism run validating on 8 tasks instead of its 2,400 (test_run_metabolism.py
-    tests those)."""
+    list."""
     root = tmp_path_factory.mktemp('experiments')
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.setattr(experiments.Job, 'execute', run_here)
-        patch.setattr(run_metabolism, 'NUM_VAL_TASKS', 8)
         experiments.main(experiments.parse_args(['--scale', 'tiny', '--log_root',
                                                  str(root / 'logs'), '--datadir', str(built[0])]))
     figures = report.write_report(root / 'logs', root / 'report')

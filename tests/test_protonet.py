@@ -2,13 +2,13 @@
 import json
 import math
 import re
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import float64_run
 import layers
 import protonet
 import reference
@@ -93,17 +93,15 @@ def test_loss_and_gradients_equal_a_plain_per_task_implementation(omniglot_batch
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-def run_protonet(monkeypatch, capsys, *argv):
-    """protonet.py argv, in this process; returns what it printed."""
-    monkeypatch.setattr(sys, 'argv', ['protonet.py', *argv])  # what the run records
-    protonet.main(protonet.parse_args(argv))
+def run_protonet(capsys, *argv):
+    """`python protonet.py argv...`, in this process; returns what it printed."""
+    float64_run.run_float32('protonet.py', list(argv))
     return capsys.readouterr().out
 
 
-def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path, monkeypatch, capsys,
-                                                               one_thread):
+def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path, capsys, one_thread):
     log_dir = tmp_path / 'run'
-    output = run_protonet(monkeypatch, capsys, '--num_support', '5', '--num_query', '5',
+    output = run_protonet(capsys, '--num_support', '5', '--num_query', '5',
                           '--batch_size', '4', '--num_train_iterations', '51', '--log_dir',
                           str(log_dir))
     validation = [float(v) for v in re.findall(r'Validation: .*query accuracy: ([\d.]+)', output)]
@@ -126,7 +124,7 @@ def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path, monkeyp
     assert record['flags']['num_train_iterations'] == 51 and record['flags']['seed'] == 0
     assert '_hparams_/experiment' in events.PluginTagToContent('hparams')  # the same run
 
-    output = run_protonet(monkeypatch, capsys, '--test', '--log_dir', str(log_dir),
+    output = run_protonet(capsys, '--test', '--log_dir', str(log_dir),
                           '--checkpoint_step', '0', '--num_support', '2', '--num_query', '10',
                           '--num_test_tasks', '100')
     assert 'Loaded checkpoint iteration 0.' in output
