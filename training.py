@@ -554,9 +554,11 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
 
 
 def run_record(args):
-    """How a run was made: its script, command line, every flag's value, and the date."""
+    """How a run was made: its script, command line, every flag's value, the date, and the
+    code's git commit (None outside a git checkout)."""
     return {'script': os.path.basename(sys.argv[0]), 'argv': sys.argv[1:], 'flags': vars(args),
-            'date': datetime.datetime.now().isoformat(timespec='seconds')}
+            'date': datetime.datetime.now().isoformat(timespec='seconds'),
+            'commit': util.git_commit()}
 
 
 def log_hparams(writer, args, metric):

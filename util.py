@@ -276,6 +276,23 @@ def download(url, path, md5=None, fix=''):
                         f'or {fix}') from None
 
 
+def git_commit():
+    """The commit of the checkout this code runs from (with '+' when files differ from it), or
+    None where there is no git or no checkout: what a run's record names its code by."""
+    import subprocess
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=folder, capture_output=True,
+                                text=True, timeout=10)
+        changed = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
+                                 cwd=folder, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode:
+        return None
+    return commit.stdout.strip() + ('+' if changed.stdout.strip() else '')
+
+
 def source_url(variable, official_url):
     """(base URL, is official): official_url, or the mirror that the environment variable names
     (a folder or a URL), read at call time."""

@@ -169,17 +169,17 @@ def test_experiments_stopped_by_sigterm_and_started_again_does_no_finished_work_
     """experiments.py passes the signal on to the run under way and exits 143; started again,
     it leaves every file of the runs already done as it was and finishes the rest."""
     command = [sys.executable, 'experiments.py', '--scale', 'tiny', '--log_root', str(tmp_path),
-               '--only', 'protonet_5shot', 'stability_maml_seed_0']  # trained and tested, trained
+               '--only', 'protonet_5shot', 'fomaml_5shot_seed_1']  # trained and tested, trained
     env = dict(os.environ, OMP_NUM_THREADS='1')
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, env=env)
-    console = tmp_path / 'stability_maml_seed_0' / 'console.log'  # the first run is done
+    console = tmp_path / 'fomaml_5shot_seed_1' / 'console.log'  # the first run is done
     while first.poll() is None and not (console.is_file() and '$ ' in console.read_text()):
         time.sleep(0.05)
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 143, stderr
-    assert 'Stopped by SIGTERM in stability_maml_seed_0' in stderr, stderr
+    assert 'Stopped by SIGTERM in fomaml_5shot_seed_1' in stderr, stderr
     done = {path: path.stat().st_mtime_ns for path in (tmp_path / 'protonet_5shot').iterdir()}
     assert any(path.name.startswith('test.') for path in done)  # trained and tested
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -188,7 +188,7 @@ def test_experiments_stopped_by_sigterm_and_started_again_does_no_finished_work_
             } == done
     listed = subprocess.run([*command, '--list'], cwd=ROOT, capture_output=True, text=True,
                             env=env).stdout
-    assert 'stability_maml_seed_0' in listed, listed
+    assert 'fomaml_5shot_seed_1' in listed, listed
     assert 'stopped' not in listed and 'to do' not in listed, listed
 
 

@@ -1,6 +1,7 @@
 """training.py and util.py through ProtoNet: resume, intervals, NaN stop, atomic saves, errors."""
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,21 @@ def test_data_problems_are_one_line_errors(tmp_path, monkeypatch, cli_error, set
     monkeypatch.setenv('OMNIGLOT_MIRROR', str(tmp_path / 'none'))
     omniglot.images_on.cache_clear()  # as in a new process: nothing read yet
     assert message in cli_error('--cache')
+
+
+def test_a_run_record_names_the_commit_of_its_code_and_whether_files_differ(tmp_path):
+    """flags.json's commit is this checkout's HEAD ('+' when tracked files differ); a copy of
+    the code outside any checkout records None."""
+    import shutil
+    import subprocess
+    if shutil.which('git') is None or not (ROOT / '.git').exists():
+        pytest.skip('not a git checkout')
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    assert training.run_record(parse())['commit'] == head + ('+' if dirty else '')
+    shutil.copy(ROOT / 'util.py', tmp_path / 'util.py')
+    copied = subprocess.run([sys.executable, '-c', 'import util; print(util.git_commit())'],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert copied.stdout.strip() == 'None', copied.stderr
