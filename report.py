@@ -148,7 +148,8 @@ class Figure:
     title: str
     caption: str
     runs: tuple  # the runs it needs
-    draw: object  # (ax, runs) -> None
+    draw: object  # (ax, runs) -> None; with panels > 1, (list of axes, runs)
+    panels: int = 1  # side by side, one y scale
 
 
 def draw_curves(labels, tag=None):
@@ -229,19 +230,19 @@ def draw_second_handout(ax, runs):
     draw_fomaml_bar(ax)
 
 
-def draw_stability(ax, runs):
-    for (method, label), color in zip({'fomaml': 'first-order MAML', 'mamlpp': 'MAML++'}.items(),
-                                      ('tab:blue', 'tab:orange')):
-        curves = [runs.curve(experiments.stability_name(method, seed))
-                  for seed in experiments.STABILITY_SEEDS]
-        for steps, values in curves:
-            ax.plot(steps, values, color=color, alpha=0.35, linewidth=1)
-        length = min(len(steps) for steps, _ in curves)
-        mean = np.mean([values[:length] for _, values in curves], axis=0)
-        ax.plot(curves[0][0][:length], mean, color=color, linewidth=2.5, marker='o',
-                markersize=3, label=f'{label}: mean of {len(curves)} seeds (thin: each seed)'
-                                    + runs.shortened(experiments.stability_name(method, 0)))
-    ax.set_ylabel('validation post-adaptation query accuracy')
+STABILITY_METHODS = {'fomaml': 'first-order MAML', 'mamlpp': 'MAML++'}
+
+
+def draw_stability(axes, runs):
+    """One panel per method, side by side on one scale, every seed its own line."""
+    for ax, (method, label) in zip(axes, STABILITY_METHODS.items()):
+        for seed in experiments.STABILITY_SEEDS:
+            name = experiments.stability_name(method, seed)
+            steps, values = runs.curve(name)
+            ax.plot(steps, values, marker='o', markersize=2,
+                    label=f'seed {seed}' + runs.shortened(name))
+        ax.set_title(label, fontsize=10)
+    axes[0].set_ylabel('validation post-adaptation query accuracy')
 
 
 SWEEP_MODELS = {'protonet_1shot': 'ProtoNet (trained 5-way 1-shot)',
@@ -298,8 +299,8 @@ FIGURES = (
     Figure(H2, 'stability', 'Training stability: first-order MAML vs MAML++ (second handout, '
            'extra credit)', 'Validation post-adaptation query accuracy in the handout\'s setting '
            '(5-way 5-shot, 15 queries, 5 inner steps at inner learning rate 0.4, 1000 '
-           'iterations), three seeds per method.', experiments.STABILITY_RUNS,
-           draw_stability),
+           'iterations), three seeds per method, the same seeds for both.',
+           experiments.STABILITY_RUNS, draw_stability, panels=2),
 )
 
 
@@ -308,13 +309,16 @@ def render(figure, runs, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    figure.draw(ax, runs)
-    if not ax.get_xlabel():
-        ax.set_xlabel('training iteration')
-    ax.set_title(figure.title, fontsize=11)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, figure.panels, figsize=(7 * figure.panels, 4.5), sharey=True,
+                             squeeze=False)
+    axes = list(axes[0])
+    figure.draw(axes[0] if figure.panels == 1 else axes, runs)
+    for ax in axes:
+        if not ax.get_xlabel():
+            ax.set_xlabel('training iteration')
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    (axes[0].set_title if figure.panels == 1 else fig.suptitle)(figure.title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -150,6 +150,17 @@ def test_a_figure_draws_the_logged_scalars(tiny):
         np.testing.assert_allclose(points[:, 0], np.array(experiments.K_SWEEP) + offset)
         np.testing.assert_allclose(points[:, 1], [float(result(log_root, name, shot, 10).split()[0])
                                                   for shot in experiments.K_SWEEP], atol=5e-4)
+    # the stability study: one panel per method, every seed drawn from its own run's events
+    panels = figures['stability'].axes
+    assert [ax.get_title() for ax in panels] == list(report.STABILITY_METHODS.values())
+    for ax, method in zip(panels, report.STABILITY_METHODS):
+        assert len(ax.lines) == len(experiments.STABILITY_SEEDS)
+        for line, seed in zip(ax.lines, experiments.STABILITY_SEEDS):
+            events = EventAccumulator(str(log_root / experiments.stability_name(method, seed)))
+            events.Reload()
+            logged = [(event.step, event.value)
+                      for event in events.Scalars(report.VAL_QUERY['maml.py'])]
+            np.testing.assert_allclose(line.get_xydata(), logged, rtol=1e-6)
 
 
 def test_a_second_call_does_no_work(tiny):
