@@ -274,7 +274,7 @@ class MetabolismDataset:
         k, q = self._num_support, self._num_query
         rows = torch.stack([self._rows(set_idx) for set_idx in set_idxs.tolist()])
         rows = torch.cat([rows[:, :, :k].flatten(1), rows[:, :, k:].flatten(1)], 1)
-        rows = rows.to(self._features.device, non_blocking=True)
+        rows = util.host_to_device(rows, self._features.device)
         picked = self._features.index_select(0, rows.flatten()).view(*rows.shape, -1)
         classes = torch.arange(NUM_WAY, device=self._features.device)
         labels_support, labels_query = classes.repeat_interleave(k), classes.repeat_interleave(q)

@@ -180,8 +180,8 @@ class OmniglotDataset(torch.utils.data.Dataset):
         num_images = self._num_support + self._num_query
         scores = torch.rand(num_tasks, num_way, NUM_SAMPLES_PER_CLASS, generator=self._generator)
         image_idxs = scores.argsort(dim=-1)[..., :num_images]  # distinct images per class
-        rows = (class_idxs[..., None] * NUM_SAMPLES_PER_CLASS + image_idxs).to(
-            self._images.device, non_blocking=True)  # from the host: the device needn't wait
+        rows = util.host_to_device(class_idxs[..., None] * NUM_SAMPLES_PER_CLASS + image_idxs,
+                                   self._images.device)
         support = self._gather(rows[..., :self._num_support])
         query = self._gather(rows[..., self._num_support:])
         labels = torch.arange(num_way, device=self._images.device)
@@ -257,7 +257,7 @@ class ClassifierImages:
     def make_tasks(self, image_idxs):
         """image_idxs (int64, shape (batch,)) into the split's images -> [(images (batch, 1, 28,
         28) in torch's default dtype, labels (batch,) int64)]."""
-        rows = image_idxs.to(self._images.device, non_blocking=True)
+        rows = util.host_to_device(image_idxs, self._images.device)
         return [(self._images.index_select(0, rows).to(torch.get_default_dtype()).unsqueeze(1),
                  rows // NUM_SAMPLES_PER_CLASS)]
 

@@ -108,6 +108,13 @@ def to_host(values):
     return values.detach().cpu().numpy().astype(np.float64)
 
 
+def host_to_device(tensor, device):
+    """A host tensor (often a temporary) on the device, without the host waiting where that is
+    safe: on CUDA, whose copy from pageable memory is staged before it returns. Elsewhere (MPS
+    may read the source after it was freed: pytorch/pytorch#139550) the copy completes first."""
+    return tensor.to(device, non_blocking=device.type == 'cuda')
+
+
 def mean_and_ci95(values):
     """Mean and half-width of the 95% confidence interval, 1.96 * std / sqrt(n), as the course."""
     values = np.asarray(values, dtype=np.float64)

@@ -14,6 +14,7 @@ count, a CPU tensor, on the host) are not watched. No float64 result anywhere in
 import contextlib
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import (register_optimizer_step_post_hook,
@@ -24,6 +25,8 @@ from torch.utils._pytree import tree_leaves
 import layers
 import maml
 import maml_transfer
+import metabolism
+import omniglot
 import protonet
 import run_metabolism
 import sampling
@@ -144,3 +147,42 @@ def test_a_step_between_log_steps_makes_the_host_wait_for_nothing(name, tmp_path
     assert long.waits == short.waits, f'two more steps waited for {long.waits - short.waits}'
     assert short.waits, 'the log step, validation and final read must have been seen'
     assert not long.float64, f'float64 results on a device without float64: {long.float64}'
+
+
+class HostCopies(TorchDispatchMode):
+    """Records each copy to another device as (device type, non_blocking)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ == '_to_copy' and 'device' in kwargs:
+            self.copies.append((kwargs['device'].type, kwargs.get('non_blocking', False)))
+        return func(*args, **kwargs)
+
+
+def test_samplers_copy_host_temporaries_without_waiting_only_on_cuda():
+    """A sampler's rows are a temporary on the host: a non-blocking copy of it to MPS may read
+    freed memory. On a device that is not CUDA (the meta device here, shapes only) every copy
+    the samplers make completes before the temporary can go."""
+    meta = torch.device('meta')
+    images = torch.zeros(omniglot.NUM_CLASSES, omniglot.NUM_SAMPLES_PER_CLASS, 28, 28,
+                         dtype=torch.uint8, device=meta)
+    generator = torch.Generator().manual_seed(0)
+    labels = [torch.tensor([0, 1] * 10), torch.tensor([1, 0] * 10)]
+    datasets = {
+        'omniglot tasks': (omniglot.OmniglotDataset(1, 2, images, generator),
+                           torch.tensor([[0, 1, 2], [3, 4, 5]])),
+        'omniglot images': (omniglot.ClassifierImages(images, np.arange(10)),
+                            torch.tensor([0, 21, 42])),
+        'metabolism': (metabolism.MetabolismDataset(
+            [torch.zeros(20, 1024, device=meta)] * 2, labels, 2, 3, generator),
+            torch.tensor([0, 1])),
+    }
+    for name, (dataset, idxs) in datasets.items():
+        with HostCopies() as recorder:
+            dataset.make_tasks(idxs)
+        to_device = [blocking for device, blocking in recorder.copies if device == 'meta']
+        assert to_device and not any(to_device), (name, recorder.copies)
