@@ -149,6 +149,9 @@ def make_deterministic(device, amp):
         return
     os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_WORKSPACE)  # before cuBLAS starts
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic mode would also fill each new tensor (one more kernel per allocation);
+    # every tensor here is written before it is read.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     if amp == 'none':

@@ -43,11 +43,14 @@ def restored_backends():
     saved = (torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+             torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+             torch.utils.deterministic.fill_uninitialized_memory)
     yield
     torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.utils.deterministic.fill_uninitialized_memory = saved[-1]
     (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-     torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) = saved[2:]
+     torch.backends.cuda.matmul.fp32_precision,
+     torch.backends.cudnn.conv.fp32_precision) = saved[2:-1]
 
 
 @pytest.mark.parametrize('amp, precision', [('none', 'ieee'), ('bf16', 'tf32')])
@@ -62,6 +65,7 @@ def test_cuda_runs_are_deterministic_and_float32_has_no_tf32(amp, precision, res
     assert torch.backends.cudnn.conv.fp32_precision == precision
     assert torch.backends.cuda.matmul.fp32_precision == precision
     assert util.os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
+    assert not torch.utils.deterministic.fill_uninitialized_memory  # no fill kernel per tensor
 
 
 def test_the_cpu_is_left_as_it_is(restored_backends):
