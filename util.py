@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 TORCHRUN_ERROR_WAIT_SECONDS = 5  # torchrun checks its processes every 0.1 s
 CUBLAS_WORKSPACE = ':4096:8'  # what deterministic cuBLAS needs (CUDA's reproducibility notes)
+MPS_BF16_MIN_MACOS = (14, 0)
 BF16_MIN_CAPABILITY = 8  # bfloat16 arithmetic from Ampere (compute capability 8.0) on
 MIN_PYTHON = (3, 11)  # what requirements.txt installs on (numpy 2.4, Pillow 13, matplotlib 3.11)
 # What ends a run early, its checkpoint saved: a terminal's Ctrl-C, what spot machines,
@@ -160,9 +161,14 @@ def make_deterministic(device, amp):
 
 
 def check_amp(device, amp):
-    """One line for --amp bf16 on a CUDA GPU without bfloat16 (compute capability below 8.0,
-    such as the T4 and V100), where PyTorch emulates it, slower than float32, or fails."""
-    if amp != 'bf16' or device.type != 'cuda':
+    """One line for --amp bf16 where the GPU has no bfloat16: a CUDA GPU of compute capability
+    below 8.0 (such as the T4 and V100), where PyTorch emulates it, slower than float32, or
+    fails; Apple's MPS before macOS 14."""
+    if amp != 'bf16':
+        return
+    if device.type == 'mps' and not torch.backends.mps.is_macos_or_newer(*MPS_BF16_MIN_MACOS):
+        raise UserError('bfloat16 on Apple GPUs needs macOS 14 or newer; use --amp none')
+    if device.type != 'cuda':
         return
     major, minor = torch.cuda.get_device_capability(device)
     if major < BF16_MIN_CAPABILITY:

@@ -92,6 +92,18 @@ def test_bf16_on_a_gpu_without_it_is_one_line(capability, refused, monkeypatch, 
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize('macos_14, refused', [(False, True), (True, False)])
+def test_bf16_on_an_apple_gpu_before_macos_14_is_one_line(macos_14, refused, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, 'is_macos_or_newer',
+                        lambda major, minor: macos_14 and (major, minor) <= (14, 0))
+    if not refused:
+        util.check_amp(torch.device('mps'), 'bf16')
+        return
+    with pytest.raises(util.UserError, match='^bfloat16 on Apple GPUs needs macOS 14 or newer; '
+                                             'use --amp none$'):
+        util.check_amp(torch.device('mps'), 'bf16')
+
+
 @pytest.fixture
 def torchrun_on_gpus(monkeypatch):
     """This process as torchrun's second process on a machine of two GPUs; the process group
