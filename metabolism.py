@@ -6,6 +6,7 @@ from TDC's raw files (columns Drug_ID, Drug = SMILES, Y = 0/1), downloading them
 and cache it under that name. Each data set then lives in one float32 tensor on the training
 device, and a task is a few indexing operations.
 """
+import codecs
 import csv
 import pickle
 import time
@@ -187,11 +188,50 @@ def load_metabolism(datadir, fingerprint='bits'):
     return checked(data, cache)
 
 
+class DataUnpickler(pickle.Unpickler):
+    """Unpickles only what the metabolism pickle holds: dicts, strings, numbers and numpy
+    arrays, dtypes and scalars. Any other global (a function that a payload would call) is a
+    UserError naming it, raised as the unpickler meets it, before anything is called.
+
+    Args:
+        file: the pickle, open for reading in binary mode
+        path (Path): its path, for the error
+    """
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise UserError(f'{self._path} asks for {module}.{name}, which the metabolism pickle '
+                            'never holds; refused without running it: delete the file (it may '
+                            'run code) and get the authors\' file again, or build it from the '
+                            'TDC files')
+        return ALLOWED_GLOBALS[module, name]
+
+
+def allowed_globals():
+    """{(module, name): object} of what numpy pickles arrays, dtypes and scalars with, under
+    numpy 2's module paths (numpy._core) and numpy 1.x's (numpy.core, the authors' file);
+    _codecs.encode is how pickle protocol 2 writes bytes."""
+    allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+               ('_codecs', 'encode'): codecs.encode}
+    for core in ('numpy._core', 'numpy.core'):
+        allowed.update({(f'{core}.multiarray', '_reconstruct'): np._core.multiarray._reconstruct,
+                        (f'{core}.multiarray', 'scalar'): np._core.multiarray.scalar,
+                        (f'{core}.numeric', '_frombuffer'): np._core.numeric._frombuffer})
+    return allowed
+
+
+ALLOWED_GLOBALS = allowed_globals()
+
+
 def read_pickle(path):
-    """The object pickled in path; a corrupt file is a UserError."""
+    """The object pickled in path, read by DataUnpickler; a corrupt file is a UserError."""
     try:
         with open(path, 'rb') as file:
-            return pickle.load(file)
+            return DataUnpickler(file, path).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as error:
         raise UserError(f'{path} is corrupt or truncated ({error}); delete it and run again to '
                         'build it from the TDC files') from None

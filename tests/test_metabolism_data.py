@@ -218,19 +218,42 @@ def test_second_start_loads_the_cache_fast(built, monkeypatch):
         assert np.array_equal(again[name]['label'], data[name]['label'])
 
 
-def test_authors_pickle_used_as_is(tmp_path):
-    """The distributed pickle needs no TDC files; other dtypes are converted."""
+def authors_pickle(protocol):
+    """(stored dict, pickle bytes) in the authors' layout: float64 features and labels, as
+    numpy 1.x writes them for protocol 2 (module paths numpy.core, not numpy 2's numpy._core)."""
     rng = np.random.default_rng(0)
     stored = {name: {'feature': rng.integers(0, 2, (7, 1024)).astype(np.float64),
                      'label': np.array([0., 1., 1., 0., 1., 0., 0.])}
               for name in metabolism.ALL_SETS}
-    with open(tmp_path / metabolism.CACHE_NAME, 'wb') as file:
-        pickle.dump(stored, file)
+    pickled = pickle.dumps(stored, protocol=protocol)
+    if protocol == 2:
+        assert pickled.count(b'numpy._core.multiarray\n_reconstruct') == 1
+        pickled = pickled.replace(b'numpy._core.', b'numpy.core.')
+    return stored, pickled
+
+
+@pytest.mark.parametrize('protocol', [2, pickle.HIGHEST_PROTOCOL])
+def test_authors_pickle_used_as_is(tmp_path, protocol):
+    """The distributed pickle needs no TDC files; other dtypes are converted."""
+    stored, pickled = authors_pickle(protocol)
+    (tmp_path / metabolism.CACHE_NAME).write_bytes(pickled)
     data = metabolism.load_metabolism(tmp_path)
     for name in metabolism.ALL_SETS:
         assert data[name]['feature'].dtype == np.float32
         assert np.array_equal(data[name]['feature'], stored[name]['feature'])
         assert data[name]['label'].tolist() == [0, 1, 1, 0, 1, 0, 0]
+
+
+def test_our_cache_round_trips_through_the_restricted_unpickler(tmp_path):
+    write_tiny_tables(tmp_path)
+    data = metabolism.build(metabolism.fetch_tables(tmp_path))
+    metabolism.write_pickle(data, tmp_path / 'cache.pkl')
+    again = metabolism.read_pickle(tmp_path / 'cache.pkl')
+    assert list(again) == list(data)
+    for name, entry in data.items():
+        for key, array in entry.items():
+            assert again[name][key].dtype == array.dtype
+            np.testing.assert_array_equal(again[name][key], array)
 
 
 @pytest.mark.parametrize('change, message', [
