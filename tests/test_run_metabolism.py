@@ -24,6 +24,7 @@ import run_metabolism
 import test_metabolism_data
 import training
 import util
+from conftest import Payload
 
 ROOT = Path(__file__).resolve().parents[1]
 BIO_FLAGS = ['--num_way', '2', '--num_support', '5', '--num_query', '10', '--batch_size', '4',
@@ -234,16 +235,6 @@ def test_authors_pickle_with_numpy_1_paths_trains(tmp_path, monkeypatch, capsys)
          '--num_train_iterations', '1', '--datadir', str(datadir), '--log_dir', 'run']))
     assert re.search(r'^Iteration 0: loss: \d', capsys.readouterr().out, re.M)
     assert (tmp_path / 'run' / 'state0.pt').is_file()
-
-
-class Payload:
-    """Pickles as a call of os.system: unpickling it runs the command."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
 
 
 def test_payload_pickle_is_refused_before_it_runs(tmp_path, monkeypatch, one_line_error):
