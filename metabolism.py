@@ -3,10 +3,15 @@
 The data is the pickle the data set's authors distribute, `<datadir>/metabolism_data_new.pkl`:
 {name: {'feature': (n, 1024) array, 'label': (n,) 0/1 array}}. Without it we build the same dict
 from TDC's raw files (columns Drug_ID, Drug = SMILES, Y = 0/1), downloading them when absent,
-and cache it under that name. Each data set then lives in one float32 tensor on the training
-device, and a task is a few indexing operations.
+and cache it under that name. The pickle is read by a restricted unpickler (DataUnpickler), and
+TDC's files are checked against pinned sha256 digests of their rows (TDC_SHA256). Each data
+set then lives in one float32 tensor on the training device, and a task is a few indexing
+operations.
 """
+import codecs
 import csv
+import hashlib
+import os
 import pickle
 import time
 from pathlib import Path
@@ -47,6 +52,27 @@ DATAVERSE_IDS = {'CYP1A2_Veith': 4259573, 'CYP2C19_Veith': 4259576, 'CYP2C9_Veit
                  'CYP2D6_Substrate_CarbonMangels': 4259578,
                  'CYP3A4_Substrate_CarbonMangels': 4259581}
 NUM_EXAMPLES_SHOWN = 3
+# sha256 of each TDC file's sorted (Drug, Y) rows (rows_sha256): TDC publishes no checksums, and
+# the content, unlike the bytes, is the same whatever the line endings or the row order.
+TDC_SHA256 = {
+    'CYP1A2_Veith':
+        '19edf4c16da5677bd521b3ce3b34f99e8d5cec3c6bd0e11e6f1d0954e47058fa',
+    'CYP3A4_Veith':
+        '143d02c2f67a2f0d4b0763bc04a2a1e610228a95b6d18aa7c53387caea592602',
+    'CYP2D6_Veith':
+        '6fa95a05c23361cc91d88da64f86bd195017be0d79b6cd547f995a46e3fcb2a1',
+    'CYP2C9_Substrate_CarbonMangels':
+        '5215443727b319d0326d70b03155c058624834e5c6d010bcda6fde09f026afcd',
+    'CYP2D6_Substrate_CarbonMangels':
+        'c12c0b7f557c88040cc2026c08ce06250e78c0a2742543b7b57e5ce2e582e8fe',
+    'CYP3A4_Substrate_CarbonMangels':
+        '661b3d72cf5c5868708fe9bb24b9f48d3dd53699f73a01f5ed0184b1f9c43da9',
+    'CYP2C19_Veith':
+        '997fdf50251fba7787539f117513808c4de9ade41db9d75a323d7396db98943e',
+    'CYP2C9_Veith':
+        'bf270690ac55eb1458d5fdf2a4112b0b69403ac1441a67a6c3bb205f3a07e1e1',
+}
+ACCEPT_VARIABLE = 'TDC_ACCEPT_SHA256'  # comma-separated digests of rows accepted knowingly
 
 
 # ----- getting the raw files -----
@@ -71,7 +97,40 @@ def fetch_tables(datadir):
         fix = (f'set {MIRROR_VARIABLE} to a folder or file:// URL holding the TDC files of '
                f"{', '.join(missing[i:])} (named like {path.name}), or put them in {datadir}")
         util.download(url, path, fix=fix)
+        check_sha256(name, path, url)
     return {name: find_table(datadir, name) for name in ALL_SETS}
+
+
+def rows_sha256(smiles, labels):
+    """sha256 (hex) of a TDC file's rows, sorted, each written as 'Drug<TAB>Y<LF>'.
+
+    Args:
+        smiles (list of str): n SMILES strings
+        labels (np.ndarray): int64 0/1 labels, shape (n,)
+    """
+    lines = ''.join(f'{text}\t{label}\n' for text, label in sorted(zip(smiles, labels.tolist())))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def check_sha256(name, path, url=None):
+    """Raises UserError unless the rows of path, data set name's file, digest to TDC_SHA256[name]
+    or to a digest listed in $TDC_ACCEPT_SHA256.
+
+    Args:
+        name (str): the data set
+        path (Path): its file
+        url (str): where the file was just downloaded from (it is then deleted), or None
+    """
+    digest, expected = rows_sha256(*read_table(path)), TDC_SHA256[name]
+    if digest == expected or digest in os.environ.get(ACCEPT_VARIABLE, '').split(','):
+        return
+    if url is not None:
+        path.unlink()
+    fix = ('delete it to download it again' if url is None
+           else f'check the source (${MIRROR_VARIABLE}, else TDC itself)')
+    raise UserError(f"{url or path} has rows of sha256 {digest}, expected {expected} (TDC's "
+                    f'{name}): {fix}, or set {ACCEPT_VARIABLE}={digest} to accept these rows '
+                    'knowingly')
 
 
 def read_table(path):
@@ -173,6 +232,8 @@ def load_metabolism(datadir, fingerprint='bits'):
     if cache.exists():
         return checked(read_pickle(cache), cache)
     tables = fetch_tables(datadir)
+    for name, path in tables.items():
+        check_sha256(name, path)
     start = time.perf_counter()
     data = build(tables, fingerprint)
     num_molecules = sum(len(entry['label']) for entry in data.values())
@@ -187,11 +248,50 @@ def load_metabolism(datadir, fingerprint='bits'):
     return checked(data, cache)
 
 
+class DataUnpickler(pickle.Unpickler):
+    """Unpickles only what the metabolism pickle holds: dicts, strings, numbers and numpy
+    arrays, dtypes and scalars. Any other global (a function that a payload would call) is a
+    UserError naming it, raised as the unpickler meets it, before anything is called.
+
+    Args:
+        file: the pickle, open for reading in binary mode
+        path (Path): its path, for the error
+    """
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise UserError(f'{self._path} asks for {module}.{name}, which the metabolism pickle '
+                            'never holds; refused without running it: delete the file (it may '
+                            'run code) and get the authors\' file again, or build it from the '
+                            'TDC files')
+        return ALLOWED_GLOBALS[module, name]
+
+
+def allowed_globals():
+    """{(module, name): object} of what numpy pickles arrays, dtypes and scalars with, under
+    numpy 2's module paths (numpy._core) and numpy 1.x's (numpy.core, the authors' file);
+    _codecs.encode is how pickle protocol 2 writes bytes."""
+    allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+               ('_codecs', 'encode'): codecs.encode}
+    for core in ('numpy._core', 'numpy.core'):
+        allowed.update({(f'{core}.multiarray', '_reconstruct'): np._core.multiarray._reconstruct,
+                        (f'{core}.multiarray', 'scalar'): np._core.multiarray.scalar,
+                        (f'{core}.numeric', '_frombuffer'): np._core.numeric._frombuffer})
+    return allowed
+
+
+ALLOWED_GLOBALS = allowed_globals()
+
+
 def read_pickle(path):
-    """The object pickled in path; a corrupt file is a UserError."""
+    """The object pickled in path, read by DataUnpickler; a corrupt file is a UserError."""
     try:
         with open(path, 'rb') as file:
-            return pickle.load(file)
+            return DataUnpickler(file, path).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as error:
         raise UserError(f'{path} is corrupt or truncated ({error}); delete it and run again to '
                         'build it from the TDC files') from None

@@ -114,7 +114,11 @@ def prepare(folder=None):
     folder = folder or data_dir()
     cache = Path(folder) / CACHE_NAME
     if cache.exists():
-        images = np.load(cache)
+        try:
+            images = np.load(cache, allow_pickle=False)  # an object array would run code
+        except ValueError as error:
+            raise UserError(f'{cache} is not an Omniglot cache ({error}); delete it and run '
+                            'again') from None
         if images.shape == (NUM_CLASSES, NUM_SAMPLES_PER_CLASS, IMAGE_SIZE, IMAGE_SIZE):
             return images
         raise UserError(f'{cache} holds an array of shape {images.shape}, not Omniglot; '

@@ -27,6 +27,16 @@ if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest.ini runs a worker per core (
     os.environ['OMP_NUM_THREADS'] = '1'  # one thread each, for it and what it starts
 
 
+class Payload:
+    """Pickles as a call of os.system: unpickling it runs the command."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors run faster on one thread, and much faster on a busy machine."""

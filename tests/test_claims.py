@@ -261,6 +261,7 @@ def test_metabolism_count_fingerprints_through_the_script(tmp_path, monkeypatch)
     import test_metabolism_data
     test_metabolism_data.write_tiny_tables(tmp_path / 'data')
     monkeypatch.setenv('TDC_MIRROR', str(tmp_path / 'no_mirror'))
+    monkeypatch.setenv('TDC_ACCEPT_SHA256', test_metabolism_data.TINY_SHA256)
     monkeypatch.setattr(run_metabolism, 'NUM_VAL_TASKS', 4)
     monkeypatch.chdir(tmp_path)
     inputs = []

@@ -6,6 +6,7 @@ file:// TDC_MIRROR; every other test uses that result or a few tiny synthetic fi
 """
 import csv
 import pickle
+import shutil
 import time
 
 import numpy as np
@@ -26,6 +27,15 @@ EXPECTED = {'CYP1A2_Veith': (12579, 5829), 'CYP2C19_Veith': (12665, 5819),
             'CYP2D6_Substrate_CarbonMangels': (667, 191),
             'CYP3A4_Substrate_CarbonMangels': (670, 355)}
 TINY_ROWS = [('a', 'CCO', '0'), ('b', 'c1ccccc1', '1'), ('c', 'CC(=O)O', '0'), ('d', 'CCN', '1')]
+
+
+def rows_sha256(rows):
+    """metabolism.rows_sha256 of (Drug_ID, Drug, Y) rows."""
+    return metabolism.rows_sha256([row[1] for row in rows], np.array([int(row[2]) for row in rows]))
+
+
+# What TDC_ACCEPT_SHA256 takes for the tiny files these tests write in place of TDC's.
+TINY_SHA256 = ','.join(rows_sha256(rows) for rows in (TINY_ROWS, TINY_ROWS[1:], TINY_ROWS[:3]))
 
 
 def rdkit_bits(smiles):
@@ -56,10 +66,12 @@ def write_tiny_tables(folder, skip=()):
 
 @pytest.fixture(autouse=True)
 def empty_mirror(tmp_path, monkeypatch):
-    """No test reaches the network: by default the mirror is an empty folder."""
+    """No test reaches the network: by default the mirror is an empty folder. The tiny files
+    are accepted in place of TDC's."""
     mirror = tmp_path / 'empty_mirror'
     mirror.mkdir()
     monkeypatch.setenv('TDC_MIRROR', str(mirror))
+    monkeypatch.setenv('TDC_ACCEPT_SHA256', TINY_SHA256)
     return mirror
 
 
@@ -218,19 +230,42 @@ def test_second_start_loads_the_cache_fast(built, monkeypatch):
         assert np.array_equal(again[name]['label'], data[name]['label'])
 
 
-def test_authors_pickle_used_as_is(tmp_path):
-    """The distributed pickle needs no TDC files; other dtypes are converted."""
+def authors_pickle(protocol):
+    """(stored dict, pickle bytes) in the authors' layout: float64 features and labels, as
+    numpy 1.x writes them for protocol 2 (module paths numpy.core, not numpy 2's numpy._core)."""
     rng = np.random.default_rng(0)
     stored = {name: {'feature': rng.integers(0, 2, (7, 1024)).astype(np.float64),
                      'label': np.array([0., 1., 1., 0., 1., 0., 0.])}
               for name in metabolism.ALL_SETS}
-    with open(tmp_path / metabolism.CACHE_NAME, 'wb') as file:
-        pickle.dump(stored, file)
+    pickled = pickle.dumps(stored, protocol=protocol)
+    if protocol == 2:
+        assert pickled.count(b'numpy._core.multiarray\n_reconstruct') == 1
+        pickled = pickled.replace(b'numpy._core.', b'numpy.core.')
+    return stored, pickled
+
+
+@pytest.mark.parametrize('protocol', [2, pickle.HIGHEST_PROTOCOL])
+def test_authors_pickle_used_as_is(tmp_path, protocol):
+    """The distributed pickle needs no TDC files; other dtypes are converted."""
+    stored, pickled = authors_pickle(protocol)
+    (tmp_path / metabolism.CACHE_NAME).write_bytes(pickled)
     data = metabolism.load_metabolism(tmp_path)
     for name in metabolism.ALL_SETS:
         assert data[name]['feature'].dtype == np.float32
         assert np.array_equal(data[name]['feature'], stored[name]['feature'])
         assert data[name]['label'].tolist() == [0, 1, 1, 0, 1, 0, 0]
+
+
+def test_our_cache_round_trips_through_the_restricted_unpickler(tmp_path):
+    write_tiny_tables(tmp_path)
+    data = metabolism.build(metabolism.fetch_tables(tmp_path))
+    metabolism.write_pickle(data, tmp_path / 'cache.pkl')
+    again = metabolism.read_pickle(tmp_path / 'cache.pkl')
+    assert list(again) == list(data)
+    for name, entry in data.items():
+        for key, array in entry.items():
+            assert again[name][key].dtype == array.dtype
+            np.testing.assert_array_equal(again[name][key], array)
 
 
 @pytest.mark.parametrize('change, message', [
@@ -279,10 +314,76 @@ def test_missing_files_are_fetched_from_a_mirror_folder(tmp_path, empty_mirror):
     assert data['CYP2C19_Veith']['label'].tolist() == [1, 0, 1]
 
 
+def changed_copy(name, folder):
+    """Copies data set name's real file into folder with one byte changed (the first row's
+    label); returns the new file's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (RAW / (name.lower() + '.tab')).read_text()
+    header, first, rest = text.split('\n', 2)
+    first = first[:-1] + ('1' if first[-1] == '0' else '0')
+    path = folder / (name.lower() + '.tab')
+    path.write_text('\n'.join([header, first, rest]))
+    return path
+
+
+def real_files(folder, skip=()):
+    """Copies the real TDC files but those in skip into folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in metabolism.ALL_SETS:
+        if name not in skip:
+            shutil.copy(RAW / (name.lower() + '.tab'), folder)
+
+
+NAME = 'CYP2C9_Substrate_CarbonMangels'
+
+
+def test_changed_file_in_datadir_is_refused_with_both_digests(tmp_path, one_line_error):
+    real_files(tmp_path, skip=[NAME])
+    path = changed_copy(NAME, tmp_path)
+    line = one_line_error(lambda: metabolism.load_metabolism(tmp_path))
+    pinned = metabolism.TDC_SHA256[NAME]
+    found = metabolism.rows_sha256(*metabolism.read_table(path))
+    assert found != pinned
+    assert line == (f"error: {path} has rows of sha256 {found}, expected {pinned} (TDC's {NAME}): "
+                    'delete it to download it again, or set TDC_ACCEPT_SHA256='
+                    f'{found} to accept these rows knowingly')
+    assert not (tmp_path / metabolism.CACHE_NAME).exists()
+
+
+def test_changed_file_in_the_mirror_is_refused_and_not_kept(tmp_path, empty_mirror):
+    datadir = tmp_path / 'data'
+    real_files(empty_mirror, skip=[NAME])
+    path = changed_copy(NAME, empty_mirror)
+    with pytest.raises(UserError) as error:  # downloads draw progress bars on stderr
+        metabolism.load_metabolism(datadir)
+    found = metabolism.rows_sha256(*metabolism.read_table(path))
+    assert str(error.value) == (
+        f"{path.as_uri()} has rows of sha256 {found}, expected {metabolism.TDC_SHA256[NAME]} "
+        f"(TDC's {NAME}): check the source ($TDC_MIRROR, else TDC itself), or set "
+        f'TDC_ACCEPT_SHA256={found} to accept these rows knowingly')
+    assert not (datadir / path.name).exists()
+
+
+def test_accepted_digest_lets_a_changed_file_through(tmp_path, monkeypatch):
+    path = changed_copy(NAME, tmp_path)
+    monkeypatch.setenv('TDC_ACCEPT_SHA256',
+                       f'{TINY_SHA256},{metabolism.rows_sha256(*metabolism.read_table(path))}')
+    metabolism.check_sha256(NAME, path)
+
+
+def test_crlf_and_reordered_rows_match_the_pin(tmp_path):
+    lines = (RAW / (NAME.lower() + '.tab')).read_text().splitlines()
+    path = tmp_path / (NAME.lower() + '.tab')
+    path.write_bytes('\r\n'.join([lines[0], *reversed(lines[1:])]).encode() + b'\r\n')
+    assert path.read_bytes() != (RAW / path.name).read_bytes()
+    metabolism.check_sha256(NAME, path)
+
+
 def test_official_source_is_dataverse(monkeypatch, tmp_path):
     monkeypatch.delenv('TDC_MIRROR')
     urls = []
     monkeypatch.setattr(metabolism.util, 'download', lambda url, path, fix: urls.append(url))
+    monkeypatch.setattr(metabolism, 'check_sha256', lambda name, path, url: None)
     metabolism.fetch_tables(tmp_path)
     base = 'https://dataverse.harvard.edu/api/access/datafile'
     assert urls == [f'{base}/{metabolism.DATAVERSE_IDS[n]}' for n in metabolism.ALL_SETS]

@@ -13,6 +13,7 @@ from PIL import Image
 
 import omniglot
 import util
+from conftest import Payload
 from util import UserError
 
 MIRROR = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
@@ -103,6 +104,15 @@ def test_cache_shape_and_fast_second_start(images):
     start = time.perf_counter()
     omniglot.prepare()
     assert time.perf_counter() - start < 1.0
+
+
+def test_cache_holding_pickled_objects_is_refused_unrun(tmp_path):
+    marker = tmp_path / 'ran'
+    np.save(tmp_path / omniglot.CACHE_NAME, np.array([Payload(f'touch {marker}')]))
+    with pytest.raises(UserError) as error:
+        omniglot.prepare(tmp_path)
+    assert not marker.exists()
+    assert 'is not an Omniglot cache' in str(error.value) and 'allow_pickle' in str(error.value)
 
 
 @pytest.mark.parametrize('zip_name, member', [

@@ -6,6 +6,7 @@ import contextlib
 import io
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from torch import nn
 import metabolism
 import protonet
 import run_metabolism
+import test_metabolism_data
 import training
 import util
+from conftest import Payload
 
 ROOT = Path(__file__).resolve().parents[1]
 BIO_FLAGS = ['--num_way', '2', '--num_support', '5', '--num_query', '10', '--batch_size', '4',
@@ -219,6 +222,34 @@ def test_missing_data_names_the_data_sets(tmp_path, monkeypatch, one_line_error)
     assert message.startswith('error: could not download')
     assert all(name in message for name in metabolism.ALL_SETS), message
     assert 'TDC_MIRROR' in message
+
+
+def test_authors_pickle_with_numpy_1_paths_trains(tmp_path, monkeypatch, capsys):
+    datadir = tmp_path / 'data'
+    datadir.mkdir()
+    (datadir / metabolism.CACHE_NAME).write_bytes(test_metabolism_data.authors_pickle(2)[1])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_metabolism, 'NUM_VAL_TASKS', 4)
+    run_metabolism.main(run_metabolism.parse_args(
+        ['--num_support', '1', '--num_query', '2', '--batch_size', '2',
+         '--num_train_iterations', '1', '--datadir', str(datadir), '--log_dir', 'run']))
+    assert re.search(r'^Iteration 0: loss: \d', capsys.readouterr().out, re.M)
+    assert (tmp_path / 'run' / 'state0.pt').is_file()
+
+
+def test_payload_pickle_is_refused_before_it_runs(tmp_path, monkeypatch, one_line_error):
+    datadir, marker, folder = tmp_path / 'data', tmp_path / 'ran', tmp_path / 'run'
+    datadir.mkdir()
+    folder.mkdir()
+    (datadir / metabolism.CACHE_NAME).write_bytes(
+        pickle.dumps({'CYP1A2_Veith': Payload(f'touch {marker}')}))
+    monkeypatch.chdir(folder)
+    argv = ['--datadir', str(datadir)]
+    message = one_line_error(lambda: run_metabolism.main(run_metabolism.parse_args(argv)))
+    assert not marker.exists()
+    assert f'{datadir / metabolism.CACHE_NAME} asks for posix.system' in message, message
+    assert 'refused without running it' in message
+    assert list(folder.iterdir()) == [] and os.listdir(datadir) == [metabolism.CACHE_NAME]
 
 
 # ----- run_bio.sh -----

@@ -11,6 +11,7 @@ import omniglot
 import protonet
 import training
 import util
+from conftest import Payload
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,6 +135,15 @@ def test_missing_and_corrupt_checkpoints_are_one_line_errors(cli_error, tmp_path
     torch.save({'architecture': 'maml/5-way'}, tmp_path / 'state9.pt')
     err = cli_error('--log_dir', str(tmp_path), '--checkpoint_step', '9')
     assert 'holds a maml/5-way model' in err
+
+
+def test_checkpoint_carrying_a_pickled_object_is_refused_unrun(cli_error, tmp_path):
+    marker = tmp_path / 'ran'
+    torch.save({'architecture': 'protonet/5-way', 'x': Payload(f'touch {marker}')},
+               tmp_path / 'state3.pt')
+    err = cli_error('--log_dir', str(tmp_path), '--checkpoint_step', '3')
+    assert not marker.exists()
+    assert 'state3.pt is corrupt or unreadable (UnpicklingError)' in err
 
 
 @pytest.mark.parametrize('setup, message', [
