@@ -12,7 +12,6 @@ reports of the course (CS 330 Autumn 2022 and 2023). How far a run got is experi
 is named as shortened, with the iterations it reached, on every figure and table that uses it.
 Runs without a checkpoint yet are left out and listed.
 """
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -474,7 +473,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = util.argument_parser(description=__doc__.split('\n')[0])
     parser.add_argument('--scale', type=experiments.parse_scale, default='full',
                         help="which experiments.py scale to read ('full', 'tiny' or a fraction)")
     parser.add_argument('--log_root', default=None, help="the runs' root (default: the scale's)")

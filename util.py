@@ -1,5 +1,6 @@
 """Small helpers shared by every script: accuracy, devices, user errors, atomic saves,
 downloads."""
+import argparse
 import contextlib
 import hashlib
 import json
@@ -220,6 +221,13 @@ def atomic_write_json(obj, path):
     """obj as indented JSON at path, through atomic_file."""
     with atomic_file(path, 'w') as file:
         json.dump(obj, file, indent=1)
+
+
+def argument_parser(*args, **kwargs):
+    """argparse.ArgumentParser(*args, **kwargs) whose --help shows each flag's default: every
+    script's parser."""
+    return argparse.ArgumentParser(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                   **kwargs)
 
 
 def cli(main):
