@@ -124,9 +124,23 @@ def get_device(name):
             return torch.device('cuda')
         if torch.backends.mps.is_available():
             return torch.device('mps')
-        print('No GPU found (neither CUDA nor MPS); using the CPU.')
+        print(f'No GPU found (neither CUDA nor MPS): {no_cuda_reason()}; using the CPU.')
         return torch.device('cpu')
     raise UserError(f"unknown device '{name}'; use --device cpu or --device gpu")
+
+
+def no_cuda_reason():
+    """Why CUDA is not available, in words: a torch built without CUDA, or CUDA's own reason
+    as it fails to start (no driver, a driver older than the build's torch.version.cuda, no
+    device), so that a mismatched wheel is seen before a run trains slowly on the CPU."""
+    if torch.version.cuda is None:
+        return f'torch {torch.__version__} is built without CUDA (install a CUDA build of it)'
+    try:
+        torch.cuda.init()
+    except RuntimeError as error:
+        return (f'torch {torch.__version__} is built for CUDA {torch.version.cuda}, which does '
+                f'not start: {str(error).splitlines()[0]}')
+    return 'CUDA starts but finds no device'
 
 
 def make_deterministic(device, amp):
