@@ -47,6 +47,24 @@ def test_help_lists_every_flag_with_its_default(module_name, monkeypatch, capsys
         assert f'(default: {action.default})' in ' '.join(entry.split()), (flag, entry)
 
 
+# The assignment's flags and defaults (SPEC.md), which ours keep.
+ASSIGNMENT_DEFAULTS = {'log_dir': None, 'num_way': 5, 'num_support': 1, 'num_query': 15,
+                       'batch_size': 16, 'test': False, 'checkpoint_step': -1, 'num_workers': 2,
+                       'cache': False, 'device': 'cpu'}
+SCRIPT_DEFAULTS = {
+    'protonet': {'learning_rate': 0.001, 'num_train_iterations': 5000, 'compile': False,
+                 'backend': 'inductor'},
+    'maml': {'num_inner_steps': 1, 'inner_lr': 0.4, 'learn_inner_lrs': False, 'outer_lr': 0.001,
+             'num_train_iterations': 15000}}
+
+
+@pytest.mark.parametrize('module_name', SCRIPT_DEFAULTS)
+def test_the_assignments_flags_keep_its_defaults(module_name):
+    flags = vars(importlib.import_module(module_name).parse_args([]))
+    expected = ASSIGNMENT_DEFAULTS | SCRIPT_DEFAULTS[module_name]
+    assert {name: flags[name] for name in expected} == expected
+
+
 def test_grader_help_names_the_test_ids(monkeypatch, capsys):
     _, text = help_of('grader', monkeypatch, capsys)
     assert text.startswith('usage: ')
