@@ -330,7 +330,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = util.argument_parser(description=__doc__.split('\n')[0])
     parser.add_argument('--scale', type=parse_scale, default='full',
                         help="'full' (the handouts' lengths), 'tiny' (a few iterations, for a "
                              "quick check) or a fraction of every run's length")

@@ -16,6 +16,7 @@ import maml
 import omniglot
 import protonet
 import reference
+import util
 from reference import MAML_KEYS
 
 TESTS = []
@@ -201,12 +202,21 @@ def run(test_ids):
     return got, total
 
 
-if __name__ == '__main__':
-    known = {test[0] for test in TESTS}
-    unknown = [test_id for test_id in sys.argv[1:] if test_id not in known]
+def parse_args(argv=None):
+    """The test ids to run (all when none is given); an unknown one is one line and exit 2."""
+    known = sorted(test[0] for test in TESTS)
+    parser = util.argument_parser(description=__doc__.split('\n')[0])
+    parser.add_argument('test_ids', nargs='*', default=[], metavar='test_id',
+                        help=f"tests to run: {', '.join(known)}")
+    test_ids = parser.parse_args(argv).test_ids
+    unknown = [test_id for test_id in test_ids if test_id not in known]
     if unknown:
-        print(f"error: unknown test id {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+        print(f"error: unknown test id {', '.join(unknown)}; known: {', '.join(known)}",
               file=sys.stderr)
         sys.exit(2)
-    got, total = run(sys.argv[1:])
+    return test_ids
+
+
+if __name__ == '__main__':
+    got, total = run(parse_args())
     sys.exit(0 if got == total else 1)

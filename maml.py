@@ -14,7 +14,6 @@ MAML++ (Antoniou, Edwards, Storkey, "How to train your MAML", ICLR 2019) is five
 same learner, held in MAMLPlusPlus; with all of them off, the learner runs plain MAML's
 operations.
 """
-import argparse
 import functools
 import math
 from dataclasses import dataclass
@@ -557,7 +556,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser('Train a MAML!')
+    parser = util.argument_parser('Train a MAML!')
     add_maml_args(parser, num_train_iterations=15000)
     return parser.parse_args(argv)
 

@@ -7,7 +7,6 @@ Pre-training runs on the shared loop of training.py: a training batch is batch_s
 the meta-train characters (one 1100-way task, omniglot.ClassifierImages); validation and
 `--test` are few-shot tasks of the val and test characters, adapted by `transfer_learn`.
 """
-import argparse
 import functools
 
 import torch
@@ -150,7 +149,7 @@ def default_log_dir(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser('Pre-train a classifier and transfer it to few-shot tasks!')
+    parser = util.argument_parser('Pre-train a classifier and transfer it to few-shot tasks!')
     training.add_common_args(parser, num_train_iterations=5000,
                              batch='images per pre-training step (validation draws 4 times as '
                                    'many tasks)', iteration='pre-training step')

@@ -1,5 +1,4 @@
 """Implementation of prototypical networks for Omniglot."""
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +174,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser('Train a ProtoNet!')
+    parser = util.argument_parser('Train a ProtoNet!')
     add_protonet_args(parser, num_train_iterations=5000)
     return parser.parse_args(argv)
 

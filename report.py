@@ -12,7 +12,6 @@ reports of the course (CS 330 Autumn 2022 and 2023). How far a run got is experi
 is named as shortened, with the iterations it reached, on every figure and table that uses it.
 Runs without a checkpoint yet are left out and listed.
 """
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -49,7 +48,8 @@ PARTS = {'P1': 'Part 1: Prototypical networks', 'P2': 'Part 2: MAML',
          'RUNS': 'The runs'}
 P1, P2, P3, P4, H2, RUNS = PARTS
 FOMAML_BAR = 0.80  # the second handout: at least this validation query accuracy in 1000 steps
-# The two filled-in reports in ../shared/seeds, (mean, 95% interval or None where not given).
+# Copied by hand from two students' filled-in reports of the homework (CS 330 Autumn 2022 and
+# 2023), as printed there: (mean, 95% interval or None where not given).
 REPORTED = {
     'protonet_test': {'protonet_5shot': {'2022': (0.985, 0.002), '2023': (0.983, None)},
                       'protonet_1shot': {'2022': (0.984, 0.002), '2023': (0.985, None)}},
@@ -316,7 +316,8 @@ def render(figure, runs, path):
     for ax in axes:
         if not ax.get_xlabel():
             ax.set_xlabel('training iteration')
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a legend only of labelled lines (matplotlib warns)
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     (axes[0].set_title if figure.panels == 1 else fig.suptitle)(figure.title, fontsize=11)
     fig.tight_layout()
@@ -478,7 +479,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = util.argument_parser(description=__doc__.split('\n')[0])
     parser.add_argument('--scale', type=experiments.parse_scale, default='full',
                         help="which experiments.py scale to read ('full', 'tiny' or a fraction)")
     parser.add_argument('--log_root', default=None, help="the runs' root (default: the scale's)")

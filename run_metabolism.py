@@ -1,7 +1,6 @@
 """Prototypical networks on TDC Metabolism: 2-way tasks of molecules, each a 1024-bit Morgan
 fingerprint, embedded by a small fully connected network and classified by the same ProtoNet
 as Omniglot."""
-import argparse
 
 from torch import nn
 
@@ -65,7 +64,7 @@ def default_log_dir(args):
 
 def parse_args(argv=None):
     """protonet.py's flags (8000 iterations by default, as run_bio.sh) plus --datadir."""
-    parser = argparse.ArgumentParser('Train a ProtoNet on TDC Metabolism!')
+    parser = util.argument_parser('Train a ProtoNet on TDC Metabolism!')
     protonet.add_protonet_args(parser, num_train_iterations=8000)
     parser.set_defaults(num_way=metabolism.NUM_WAY)  # protonet.py's 5 cannot work: binary labels
     parser.add_argument('--datadir', type=str, default='./data/metabolism',

@@ -1,5 +1,6 @@
 """Small helpers shared by every script: accuracy, devices, user errors, atomic saves,
 downloads."""
+import argparse
 import contextlib
 import hashlib
 import json
@@ -131,9 +132,23 @@ def get_device(name):
             return torch.device('cuda')
         if torch.backends.mps.is_available():
             return torch.device('mps')
-        print('No GPU found (neither CUDA nor MPS); using the CPU.')
+        print(f'No GPU found (neither CUDA nor MPS): {no_cuda_reason()}; using the CPU.')
         return torch.device('cpu')
     raise UserError(f"unknown device '{name}'; use --device cpu or --device gpu")
+
+
+def no_cuda_reason():
+    """Why CUDA is not available, in words: a torch built without CUDA, or CUDA's own reason
+    as it fails to start (no driver, a driver older than the build's torch.version.cuda, no
+    device), so that a mismatched wheel is seen before a run trains slowly on the CPU."""
+    if torch.version.cuda is None:
+        return f'torch {torch.__version__} is built without CUDA (install a CUDA build of it)'
+    try:
+        torch.cuda.init()
+    except RuntimeError as error:
+        return (f'torch {torch.__version__} is built for CUDA {torch.version.cuda}, which does '
+                f'not start: {str(error).splitlines()[0]}')
+    return 'CUDA starts but finds no device'
 
 
 def make_deterministic(device, amp):
@@ -236,6 +251,13 @@ def atomic_write_json(obj, path):
     """obj as indented JSON at path, through atomic_file."""
     with atomic_file(path, 'w') as file:
         json.dump(obj, file, indent=1)
+
+
+def argument_parser(*args, **kwargs):
+    """argparse.ArgumentParser(*args, **kwargs) whose --help shows each flag's default: every
+    script's parser."""
+    return argparse.ArgumentParser(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                   **kwargs)
 
 
 def cli(main):

@@ -16,7 +16,6 @@ row runs warm-up iterations, then the median of timed ones (timing.py); ours and
 reference alternate within one process, so a busy machine slows both, but take numbers on an
 idle one.
 """
-import argparse
 import contextlib
 import io
 import os
@@ -358,8 +357,12 @@ def main(args):
     print(format_table(rows))
 
 
-if __name__ == '__main__':
-    parser = argparse.ArgumentParser('Benchmark ours against a course-style reference')
+def parse_args(argv=None):
+    parser = util.argument_parser('Benchmark ours against a course-style reference')
     parser.add_argument('--quick', action='store_true', help='a few iterations, for CI')
     parser.add_argument('--device', type=str, default='cpu', help="'cpu' or 'gpu'")
-    util.cli(lambda: main(parser.parse_args()))
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    util.cli(lambda: main(parse_args()))

@@ -7,12 +7,12 @@ DIR is an omniglot_resized-style PNG folder (course_pipeline.write_png_folder). 
 `Iteration {i}: ...` every 10 iterations and `Validation: ...` on 64 validation tasks every 50,
 after the step, in the format of protonet.py. 5-way 5-shot, 15 queries, batch 16, Adam 0.001.
 """
-import argparse
 
 import numpy as np
 import torch
 
 import reference
+import util
 from benchmarks.course_pipeline import course_dataloader
 
 BATCH_SIZE = 16
@@ -47,9 +47,14 @@ def main(args):
             print(f'Validation: {metrics_line(results)}', flush=True)
 
 
-if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def parse_args(argv=None):
+    parser = util.argument_parser(description=__doc__.split('\n')[0])
     parser.add_argument('--folder', required=True, help='omniglot_resized-style PNG folder')
-    parser.add_argument('--num_train_iterations', type=int, default=5000)
-    parser.add_argument('--seed', type=int, default=0)
-    main(parser.parse_args())
+    parser.add_argument('--num_train_iterations', type=int, default=5000,
+                        help='outer-loop updates to train for')
+    parser.add_argument('--seed', type=int, default=0, help='seeds the initial weights')
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    main(parse_args())

@@ -11,7 +11,6 @@ Prints every validation line with its wall time, then the result. With --referen
 course-style loop of benchmarks/course_protonet.py instead, on a PNG folder written before the
 clock starts.
 """
-import argparse
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import omniglot
+import util
 from benchmarks.course_pipeline import write_png_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,14 +47,17 @@ def run_until(target, arguments):
     return None
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def parse_args(argv=None):
+    parser = util.argument_parser(description=__doc__.split('\n')[0])
     parser.add_argument('--target', type=float, default=0.99,
                         help='validation query accuracy to reach')
     parser.add_argument('--reference', action='store_true',
                         help="train the course's implementation (benchmarks/course_protonet.py)")
-    parser.add_argument('flags', nargs='*', help='protonet.py flags, after --')
-    args = parser.parse_args()
+    parser.add_argument('flags', nargs='*', default=[], help='protonet.py flags, after --')
+    return parser.parse_args(argv)
+
+
+def main(args):
     with tempfile.TemporaryDirectory() as work:
         if args.reference:
             folder = str(Path(work) / 'omniglot_resized')
@@ -72,4 +75,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    main(parse_args())

@@ -83,14 +83,19 @@ def main(args):
         print(f'| {ROWS[row][0]} | {cells} | {rates[2] / rates[1]:.2f}x |', flush=True)
 
 
-if __name__ == '__main__':
-    parser = argparse.ArgumentParser('Training speed of one process against several')
+def parse_args(argv=None):
+    parser = util.argument_parser('Training speed of one process against several')
     parser.add_argument('--cores', type=int, default=2,
                         help='threads of the single process, and processes of one thread each')
     parser.add_argument('--rounds', type=int, default=3, help='alternating rounds per row')
-    parser.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
+    parser.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS),
+                        help='the rows to measure')
     parser.add_argument('--time', choices=list(ROWS), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    args = parse_args()
     if args.time:
         util.cli(lambda: time_training(args.time))
     else:

@@ -169,8 +169,38 @@ def test_a_k_shot_test_evaluates_k_shot_tasks(tmp_path, monkeypatch):
 def test_gpu_without_cuda_or_mps_falls_back_to_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    monkeypatch.setattr(util, 'no_cuda_reason', lambda: 'REASON')
     assert util.get_device('gpu') == torch.device('cpu')
-    assert capsys.readouterr().out == 'No GPU found (neither CUDA nor MPS); using the CPU.\n'
+    assert capsys.readouterr().out == ('No GPU found (neither CUDA nor MPS): REASON; using the '
+                                       'CPU.\n')
+
+
+def test_without_a_cuda_build_the_reason_says_so(monkeypatch):
+    monkeypatch.setattr(torch.version, 'cuda', None)
+    assert util.no_cuda_reason() == (f'torch {torch.__version__} is built without CUDA '
+                                     f'(install a CUDA build of it)')
+
+
+@pytest.mark.parametrize('error', [
+    'The NVIDIA driver on your system is too old (found version 11040). Please update your GPU '
+    'driver.\nAlternatively, go to: https://pytorch.org',
+    'Found no NVIDIA driver on your system.', 'No CUDA GPUs are available'])
+def test_with_a_cuda_build_the_reason_names_the_build_and_cudas_own_reason(monkeypatch, error):
+    """A driver older than the build, no driver, no device: torch's first line, after the
+    CUDA version the build needs."""
+    def fails():
+        raise RuntimeError(error)
+
+    monkeypatch.setattr(torch.version, 'cuda', '12.8')
+    monkeypatch.setattr(torch.cuda, 'init', fails)
+    assert util.no_cuda_reason() == (f'torch {torch.__version__} is built for CUDA 12.8, which '
+                                     f'does not start: {error.splitlines()[0]}')
+
+
+def test_cuda_that_starts_without_a_device_says_so(monkeypatch):
+    monkeypatch.setattr(torch.version, 'cuda', '12.8')
+    monkeypatch.setattr(torch.cuda, 'init', lambda: None)
+    assert util.no_cuda_reason() == 'CUDA starts but finds no device'
 
 
 def test_ctrl_c_exits_130_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):

@@ -4,6 +4,7 @@ iterations it reached, a run that only started is left out, and the figures draw
 numbers beside ours."""
 import re
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -76,6 +77,16 @@ def test_a_run_without_a_checkpoint_is_left_out(stopped):
     assert 'maml_metrics' not in figures and '| maml_inner_lr_0.4 |' not in markdown
     left_out = markdown[markdown.index('Not in the report yet'):]
     assert 'MAML, inner learning rate 0.4: the six accuracy metrics' in left_out
+
+
+@pytest.mark.parametrize('label', [None, 'a run'])
+def test_a_figure_has_a_legend_only_of_labelled_lines_and_never_warns(label, tmp_path):
+    figure = report.Figure('P1', 'lines', 'title', 'caption', (),
+                           lambda ax, runs: ax.plot([0, 1], [0.5, 0.9], label=label))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # "No artists with labels found to put in legend"
+        drawn = report.render(figure, None, tmp_path / 'lines.png')
+    assert (drawn.axes[0].get_legend() is not None) == (label is not None)
 
 
 def test_the_figures_carry_the_reports_numbers(tmp_path, monkeypatch):
