@@ -140,13 +140,13 @@ def test_missing_and_corrupt_checkpoints_are_one_line_errors(cli_error, tmp_path
     ('missing', 'could not download'),
     ('truncated', 'corrupt or truncated'),
 ])
-def test_data_problems_are_one_line_errors(tmp_path, monkeypatch, cli_error, setup, message):
+def test_data_problems_are_one_line_errors(tmp_path, monkeypatch, cli_error, omniglot_zips, setup,
+                                          message):
     data_dir = tmp_path / 'data'
     data_dir.mkdir()
     if setup == 'truncated':
-        mirror = Path(os.environ['OMNIGLOT_MIRROR'].removeprefix('file://'))
         for name in omniglot.OFFICIAL_MD5:
-            (data_dir / name).write_bytes((mirror / name).read_bytes()[:100000])
+            (data_dir / name).write_bytes((omniglot_zips / name).read_bytes()[:100000])
     monkeypatch.setenv('OMNIGLOT_DIR', str(data_dir))
     monkeypatch.setenv('OMNIGLOT_MIRROR', str(tmp_path / 'none'))
     omniglot.images_on.cache_clear()  # as in a new process: nothing read yet
@@ -169,3 +169,4 @@ def test_a_run_record_names_the_commit_of_its_code_and_whether_files_differ(tmp_
     copied = subprocess.run([sys.executable, '-c', 'import util; print(util.git_commit())'],
                             cwd=tmp_path, capture_output=True, text=True)
     assert copied.stdout.strip() == 'None', copied.stderr
+
