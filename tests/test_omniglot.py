@@ -220,3 +220,18 @@ def test_the_assignment_s_dataloader_works_with_our_dataset_and_sampler():
     torch.manual_seed(1)
     by_tuple = omniglot.OmniglotDataset(1, 1)[(3, 1)]
     assert all(torch.equal(a, b) for a, b in zip(by_array, by_tuple))
+
+
+
+def test_a_cut_short_cache_is_rebuilt_from_the_zips_in_one_line(images, omniglot_zips, tmp_path,
+                                                                capsys):
+    for name in omniglot.OFFICIAL_MD5:
+        (tmp_path / name).symlink_to(omniglot_zips / name)
+    whole = io.BytesIO()
+    np.save(whole, images)
+    cache = tmp_path / omniglot.CACHE_NAME
+    cache.write_bytes(whole.getvalue()[:len(whole.getvalue()) // 2])
+    np.testing.assert_array_equal(omniglot.prepare(tmp_path), images)
+    assert capsys.readouterr().out == (f'{cache} is cut short or damaged; rebuilding it from '
+                                       'the zips.\n')
+    assert cache.read_bytes() == whole.getvalue()
