@@ -25,6 +25,7 @@ NUM_SAMPLES_PER_CLASS = 20
 NUM_CLASSES = NUM_TRAIN_CLASSES + NUM_VAL_CLASSES + NUM_TEST_CLASSES
 NUM_ALPHABETS = 50
 IMAGE_SIZE = 28
+CACHE_SHAPE = (NUM_CLASSES, NUM_SAMPLES_PER_CLASS, IMAGE_SIZE, IMAGE_SIZE)
 
 CACHE_NAME = 'omniglot28.npy'
 RESIZED_DIR = 'omniglot_resized'  # the course's pre-resized folder, used if a user has it
@@ -104,25 +105,31 @@ def check_characters(characters, source):
                             f'expected {NUM_SAMPLES_PER_CLASS}: {fix}')
 
 
+def load_cache(cache):
+    """The uint8 images (1623, 20, 28, 28) cached in the file cache, or None, said in one line,
+    when it is cut short or not that array: prepare then rebuilds it."""
+    try:
+        images = np.load(cache, allow_pickle=False)  # an object array would run code
+    except (ValueError, OSError, EOFError):  # a cut-short .npy or an object array: ValueError
+        images = None
+    if images is not None and images.shape == CACHE_SHAPE and images.dtype == np.uint8:
+        return images
+    print(f'{cache} is cut short or damaged; rebuilding it from the zips.')
+    return None
+
+
 def prepare(folder=None):
     """Returns all images as a uint8 array (1623, 20, 28, 28), characters sorted by path.
 
-    Loads the cache in folder (default: data_dir()) if present; otherwise reads the course's
+    Loads the cache in folder (default: data_dir()) if present and whole; otherwise reads the course's
     omniglot_resized folder if the user has one, else the two zips (downloading them), then
     writes the cache atomically.
     """
     folder = folder or data_dir()
     cache = Path(folder) / CACHE_NAME
-    if cache.exists():
-        try:
-            images = np.load(cache, allow_pickle=False)  # an object array would run code
-        except ValueError as error:
-            raise UserError(f'{cache} is not an Omniglot cache ({error}); delete it and run '
-                            'again') from None
-        if images.shape == (NUM_CLASSES, NUM_SAMPLES_PER_CLASS, IMAGE_SIZE, IMAGE_SIZE):
-            return images
-        raise UserError(f'{cache} holds an array of shape {images.shape}, not Omniglot; '
-                        'delete it and run again')
+    images = load_cache(cache) if cache.exists() else None
+    if images is not None:
+        return images
     if Path(RESIZED_DIR).is_dir():
         characters, source = read_resized_folder(RESIZED_DIR), RESIZED_DIR
     else:

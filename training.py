@@ -47,6 +47,7 @@ VAL_INTERVAL = 50
 SAVE_INTERVAL = 100
 NUM_TEST_TASKS = 600
 FLAGS_FILE = 'flags.json'  # how a run was made, written as training starts
+EVENTS_PREFIX = 'events.out.tfevents'  # how TensorBoard's SummaryWriter names its files
 AMP_CHOICES = ('none', 'bf16')
 TASKS_CHOICES = ('loop', 'batched', 'auto')
 # What --tasks auto picks per device type: the faster one in benchmarks/README.md's batched rows.
@@ -502,6 +503,27 @@ def check_common_args(args):
         print('Warning: --test without --checkpoint_step evaluates an untrained model.')
 
 
+def check_log_dir(args, log_dir):
+    """One-line errors before anything is written: a training run's log dir that cannot be
+    created, or a new run (no --resume, --checkpoint_step or --test) into a log dir that holds
+    another run's checkpoints or TensorBoard events, which it would replace or mix with its own.
+    """
+    if args.test:
+        return  # reads a checkpoint: Learner.load names a missing one
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as error:
+        raise util.UserError(f'cannot create --log_dir {log_dir} ({error.strerror}); pick '
+                             'another --log_dir') from None
+    if args.resume or args.checkpoint_step > -1:
+        return
+    if checkpoint_steps(log_dir) or any(name.startswith(EVENTS_PREFIX)
+                                        for name in os.listdir(log_dir)):
+        raise util.UserError(f'{log_dir} holds another run\'s checkpoints or TensorBoard '
+                             'events; continue that run with --resume or --checkpoint_step, '
+                             'or give this one a new --log_dir')
+
+
 def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
     """The body of every script's main(): data, log dir, seed, learner, then train or test.
 
@@ -518,12 +540,14 @@ def main(args, task_source, build_learner, default_log_dir, num_val_tasks=None):
     util.check_amp(device, args.amp)
     util.make_deterministic(device, args.amp)
     device = distributed.setup(device)
+    log_dir = args.log_dir or default_log_dir
+    if not args.cache:
+        check_log_dir(args, log_dir)  # every process, before the first writes anything
     with distributed.local_main_first():
         ready = task_source.prepare()
     if args.cache:
         print(ready)
         return None
-    log_dir = args.log_dir or default_log_dir
     print(f'log_dir: {log_dir}')
     util.seed_everything(args.seed)
     learner = build_learner(log_dir, device)

@@ -22,6 +22,8 @@ TORCHRUN_ERROR_WAIT_SECONDS = 5  # torchrun checks its processes every 0.1 s
 CUBLAS_WORKSPACE = ':4096:8'  # what deterministic cuBLAS needs (CUDA's reproducibility notes)
 MPS_BF16_MIN_MACOS = (14, 0)
 BF16_MIN_CAPABILITY = 8  # bfloat16 arithmetic from Ampere (compute capability 8.0) on
+DOWNLOAD_TIMEOUT_SECONDS = 60  # a stalled connection is an error, not a hang
+DOWNLOAD_FAILED = 'could not download'  # how a download's UserError begins
 MIN_PYTHON = (3, 11)  # what requirements.txt installs on (numpy 2.4, Pillow 13, matplotlib 3.11)
 # What ends a run early, its checkpoint saved: a terminal's Ctrl-C, what spot machines,
 # notebook services and schedulers send before they stop a job, what clusters send before a
@@ -297,7 +299,8 @@ def download(url, path, md5=None, fix=''):
         fix (str): ends the error message: how the user can supply the file another way
     """
     try:
-        with urllib.request.urlopen(url) as response, atomic_file(path) as out:
+        with (urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response,
+              atomic_file(path) as out):
             size = int(response.headers.get('Content-Length') or 0) or None
             digest = hashlib.md5()
             with tqdm(total=size, unit='B', unit_scale=True, desc=path.name) as bar:
@@ -310,7 +313,7 @@ def download(url, path, md5=None, fix=''):
                                 f'download is corrupt or not the official file; run again, or '
                                 f'{fix}')
     except (urllib.error.URLError, OSError) as error:
-        raise UserError(f'could not download {url} ({error}); check the network, '
+        raise UserError(f'{DOWNLOAD_FAILED} {url} ({error}); check the network, '
                         f'or {fix}') from None
 
 

@@ -1,9 +1,12 @@
-"""Puts the repository root on sys.path and points the data code at the real files beside it.
+"""Puts the repository root on sys.path and points the data code at the real data.
 
-Omniglot is fetched through a file:// mirror of ../shared/data/omniglot, the same code path as
-a real download, into the repository's data/omniglot (prepared once, then cached). The TDC
-Metabolism files of ../shared/data/metabolism/raw_tdc are built once per test run (about
-15 s, the `built` fixture), for every test file that needs them.
+The sources, first found first: ../shared/data beside the repository (its omniglot and
+metabolism/raw_tdc folders, as file:// mirrors); else the mirrors that OMNIGLOT_MIRROR and
+TDC_MIRROR name; else the official downloads. Whatever the source, the files are fetched as the
+scripts fetch them, into the repository's data/omniglot and data/metabolism (once per machine,
+then cached there). With no source reachable, the first test that needs the data stops the
+suite with one line saying what to set. The TDC files are built once per test run (about 15 s,
+the `built` fixture), for every test file that needs them.
 """
 import contextlib
 import fcntl
@@ -19,10 +22,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / 'shared' / 'data'
-RAW = SHARED_DATA / 'metabolism' / 'raw_tdc'
+DATA = ROOT / 'data'  # where the scripts cache what they download, run from the repository
+NO_SOURCE = ('the tests cannot reach their data: set OMNIGLOT_MIRROR and TDC_MIRROR to folders '
+             'or file:// URLs holding the official files (README), or put shared/data beside '
+             'the repository')
+STOPPED = 'stopped at the first test without its data'
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault('OMNIGLOT_MIRROR', (SHARED_DATA / 'omniglot').as_uri())
-os.environ.setdefault('OMNIGLOT_DIR', str(ROOT / 'data' / 'omniglot'))
+SHARED_RAW = SHARED_DATA / 'metabolism' / 'raw_tdc'
+for variable, shared in [('OMNIGLOT_MIRROR', SHARED_DATA / 'omniglot'), ('TDC_MIRROR', SHARED_RAW)]:
+    if shared.is_dir():
+        os.environ[variable] = shared.as_uri()
+TDC_MIRROR = os.environ.get('TDC_MIRROR')  # test files may point TDC_MIRROR elsewhere later
+os.environ.setdefault('OMNIGLOT_DIR', str(DATA / 'omniglot'))
 if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest.ini runs a worker per core (-n auto):
     os.environ['OMP_NUM_THREADS'] = '1'  # one thread each, for it and what it starts
 
@@ -35,6 +46,42 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (self.command,)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that fails because the data could not be downloaded stops the suite (every later
+    data test would fail the same way), its failure shortened to one line saying what to set.
+    Through session.shouldstop, which pytest-xdist's workers pass on to the main process."""
+    import util
+    report = yield
+    error = call.excinfo and call.excinfo.value
+    if isinstance(error, util.UserError) and str(error).startswith(util.DOWNLOAD_FAILED):
+        report.longrepr = f'{NO_SOURCE} ({error})'
+        item.session.shouldstop = STOPPED
+    return report
+
+
+@pytest.fixture(scope='session')
+def omniglot_zips():
+    """The folder of the two official Omniglot zips (OMNIGLOT_DIR), fetched if missing."""
+    import omniglot
+    return omniglot.fetch_zips(omniglot.data_dir())[0].parent
+
+
+@pytest.fixture(scope='session')
+def tdc_raw():
+    """The folder of the 8 raw TDC files: ../shared's, else data/metabolism, fetched into it
+    from TDC_MIRROR or the official source if missing."""
+    import metabolism  # here, not above: only test runs that need it pay for RDKit
+    if SHARED_RAW.is_dir():
+        return SHARED_RAW
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv('TDC_MIRROR', raising=False)
+        if TDC_MIRROR:
+            patch.setenv('TDC_MIRROR', TDC_MIRROR)
+        metabolism.fetch_tables(DATA / 'metabolism')
+    return DATA / 'metabolism'
 
 
 @pytest.fixture
@@ -64,12 +111,11 @@ def one_line_error(capsys):
 
 
 @pytest.fixture(scope='session')
-def built(tmp_path_factory):
+def built(tmp_path_factory, tdc_raw):
     """(datadir, data, printed output, seconds): all 8 real files built through a file://
-    mirror, once for all of pytest-xdist's workers (under a lock, in the folder they share),
+    mirror of tdc_raw, once for all of pytest-xdist's workers (under a lock, in the folder they share),
     then copied into a datadir of this worker's own, which the printed output names."""
     import metabolism  # here, not above: only test runs that need it pay for RDKit
-    assert RAW.is_dir(), f'{RAW} is missing: the tests need ../shared beside the repository'
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get('PYTEST_XDIST_WORKER'):
         shared = shared.parent  # the workers' basetemps are its subfolders
@@ -79,7 +125,7 @@ def built(tmp_path_factory):
         if not record.is_file():
             out = io.StringIO()
             with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
-                patch.setenv('TDC_MIRROR', RAW.as_uri())
+                patch.setenv('TDC_MIRROR', tdc_raw.as_uri())
                 start = time.perf_counter()
                 metabolism.load_metabolism(shared / 'metabolism')
                 seconds = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """metabolism.py: fingerprints, building from TDC files, the pickle, the task sampler, user errors.
 
-The real TDC files come from ../shared/data/metabolism/raw_tdc beside the repository. The
+The real TDC files come from conftest.py's `tdc_raw` folder (../shared's, else fetched). The
 `built` fixture of conftest.py builds them once per test run (about 15 s) through a
 file:// TDC_MIRROR; every other test uses that result or a few tiny synthetic files.
 """
@@ -17,7 +17,6 @@ from rdkit.Chem import rdFingerprintGenerator
 
 import metabolism
 import reference
-from conftest import RAW
 from util import UserError
 
 # Rows and Y=1 counts of each file, from raw_tdc's SOURCES.md.
@@ -46,8 +45,8 @@ def rdkit_bits(smiles):
     return sorted({bit % 1024 for bit in sparse.GetOnBits()})
 
 
-def read_raw(name):
-    with open(RAW / (name.lower() + '.tab'), newline='') as file:
+def read_raw(folder, name):
+    with open(folder / (name.lower() + '.tab'), newline='') as file:
         return list(csv.DictReader(file, delimiter='\t'))
 
 
@@ -76,9 +75,9 @@ def empty_mirror(tmp_path, monkeypatch):
 
 
 # ----- features -----
-def test_fingerprints_match_rdkit_bits():
+def test_fingerprints_match_rdkit_bits(tdc_raw):
     smiles = [row['Drug'] for name in ('CYP1A2_Veith', 'CYP2C9_Substrate_CarbonMangels')
-              for row in read_raw(name)[:3]]
+              for row in read_raw(tdc_raw, name)[:3]]
     features, kept = metabolism.fingerprints(smiles)
     assert features.shape == (6, 1024) and features.dtype == np.uint8
     assert kept.tolist() == list(range(6))
@@ -102,9 +101,9 @@ def rdkit_counts(smiles, feature_invariants=False):
 
 
 @pytest.mark.parametrize('kind', ['counts', 'fcfp_counts'])
-def test_count_fingerprints_match_rdkit_counts_folded_by_hand(kind):
+def test_count_fingerprints_match_rdkit_counts_folded_by_hand(tdc_raw, kind):
     smiles = [row['Drug'] for name in ('CYP2D6_Veith', 'CYP3A4_Substrate_CarbonMangels')
-              for row in read_raw(name)[:4]]
+              for row in read_raw(tdc_raw, name)[:4]]
     features, kept = metabolism.fingerprints(smiles, kind=kind)
     assert features.dtype == np.uint8 and kept.tolist() == list(range(8))
     assert features.max() > 1  # counts, not bits
@@ -127,9 +126,9 @@ def test_each_fingerprint_has_its_own_cache(tmp_path):
                                   counts[name]['feature'])  # read back from its cache
 
 
-def test_reference_bits_tell_radius_apart():
+def test_reference_bits_tell_radius_apart(tdc_raw):
     """The check above could fail: radius 3 sets other bits on these molecules."""
-    text = read_raw('CYP1A2_Veith')[0]['Drug']
+    text = read_raw(tdc_raw, 'CYP1A2_Veith')[0]['Drug']
     sparse = rdFingerprintGenerator.GetMorganGenerator(radius=3).GetSparseFingerprint(
         Chem.MolFromSmiles(text))
     assert sorted({bit % 1024 for bit in sparse.GetOnBits()}) != rdkit_bits(text)
@@ -178,11 +177,11 @@ def test_csv_files_are_accepted(tmp_path):
 
 
 # ----- the full build and its cache -----
-def test_build_through_mirror(built):
+def test_build_through_mirror(built, tdc_raw):
     datadir, data, out, seconds = built
     for name in metabolism.ALL_SETS:  # downloaded byte for byte
         assert (datadir / (name.lower() + '.tab')).read_bytes() == (
-            RAW / (name.lower() + '.tab')).read_bytes()
+            tdc_raw / (name.lower() + '.tab')).read_bytes()
     assert 'Built Morgan fingerprints of 64800 molecules (bits) in' in out
     assert f'Cached them in {datadir / metabolism.CACHE_NAME}.' in out
     assert not list(datadir.glob('.tmp_*')) and not list(datadir.glob('*.part'))
@@ -195,10 +194,10 @@ def test_build_through_mirror(built):
         assert data[name]['feature'].sum(axis=1).min() > 0  # no molecule left as zeros
 
 
-def test_built_rows_match_raw_rows(built):
+def test_built_rows_match_raw_rows(built, tdc_raw):
     data = built[1]
     for name in ('CYP2D6_Veith', 'CYP3A4_Substrate_CarbonMangels'):
-        raw = read_raw(name)
+        raw = read_raw(tdc_raw, name)
         for i in (0, 1, len(raw) // 2, len(raw) - 1):
             assert np.flatnonzero(data[name]['feature'][i]).tolist() == rdkit_bits(raw[i]['Drug'])
             assert data[name]['label'][i] == int(raw[i]['Y'])

@@ -4,7 +4,6 @@ import io
 import os
 import time
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +15,6 @@ import util
 from conftest import Payload
 from util import UserError
 
-MIRROR = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'omniglot'
-# sha256 of the mirror's zips, from its SOURCES.md.
-MIRROR_SHA256 = {
-    'images_background.zip': '7a4cae547f16207901bd3acaabd866c1dbbef4d559dff26d797dbc6423a64a1e',
-    'images_evaluation.zip': 'd84af890b3ea334eca90f1cb04c6111603a1b620d66b82f86414b8707fbd0e8d'}
 
 
 @pytest.fixture(scope='module')
@@ -29,41 +23,42 @@ def images():
 
 
 @pytest.fixture(scope='module')
-def character_names():
+def character_names(omniglot_zips):
     """'alphabet/character' of every class, in the order of the cache (sorted paths)."""
     names = set()
     for name in omniglot.OFFICIAL_MD5:
-        with zipfile.ZipFile(MIRROR / name) as archive:
+        with zipfile.ZipFile(omniglot_zips / name) as archive:
             names |= {'/'.join(n.split('/')[1:3]) for n in archive.namelist() if n.endswith('.png')}
     return sorted(names)
 
 
-def test_download_through_file_mirror_gives_the_same_bytes(tmp_path, monkeypatch):
-    monkeypatch.setenv('OMNIGLOT_MIRROR', MIRROR.as_uri())
+def test_download_through_file_mirror_gives_the_same_bytes(omniglot_zips, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setenv('OMNIGLOT_MIRROR', omniglot_zips.as_uri())
     paths = omniglot.fetch_zips(tmp_path)
     for path in paths:
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == MIRROR_SHA256[path.name]
-    assert sorted(os.listdir(tmp_path)) == sorted(MIRROR_SHA256)  # no leftover .part files
+        assert path.read_bytes() == (omniglot_zips / path.name).read_bytes()
+    assert sorted(os.listdir(tmp_path)) == sorted(omniglot.OFFICIAL_MD5)  # no leftover files
 
 
-def test_a_plain_folder_works_as_mirror_too(monkeypatch):
-    monkeypatch.setenv('OMNIGLOT_MIRROR', str(MIRROR))
+def test_a_plain_folder_works_as_mirror_too(omniglot_zips, monkeypatch):
+    monkeypatch.setenv('OMNIGLOT_MIRROR', str(omniglot_zips))
     assert util.source_url('OMNIGLOT_MIRROR', omniglot.OFFICIAL_URL) == (
-        MIRROR.resolve().as_uri(), False)
+        omniglot_zips.resolve().as_uri(), False)
     monkeypatch.delenv('OMNIGLOT_MIRROR')
     assert util.source_url('OMNIGLOT_MIRROR', omniglot.OFFICIAL_URL) == (omniglot.OFFICIAL_URL,
                                                                          True)
 
 
-def test_checksum_mismatch_is_an_error_and_leaves_no_file(tmp_path):
-    url = (MIRROR / 'images_evaluation.zip').as_uri()
+def test_checksum_mismatch_is_an_error_and_leaves_no_file(omniglot_zips, tmp_path):
+    url = (omniglot_zips / 'images_evaluation.zip').as_uri()
     target = tmp_path / 'images_evaluation.zip'
     with pytest.raises(UserError, match='md5'):
         util.download(url, target, md5='0' * 32)
     assert list(tmp_path.iterdir()) == []
-    digest = hashlib.md5((MIRROR / 'images_evaluation.zip').read_bytes()).hexdigest()
+    digest = hashlib.md5((omniglot_zips / 'images_evaluation.zip').read_bytes()).hexdigest()
     util.download(url, target, md5=digest)
-    assert target.read_bytes() == (MIRROR / 'images_evaluation.zip').read_bytes()
+    assert target.read_bytes() == (omniglot_zips / 'images_evaluation.zip').read_bytes()
 
 
 def test_unreachable_source_is_a_clear_error(tmp_path, monkeypatch):
@@ -72,9 +67,9 @@ def test_unreachable_source_is_a_clear_error(tmp_path, monkeypatch):
         omniglot.prepare(tmp_path / 'data')
 
 
-def test_truncated_zip_is_a_clear_error(tmp_path):
+def test_truncated_zip_is_a_clear_error(omniglot_zips, tmp_path):
     for name in omniglot.OFFICIAL_MD5:
-        data = (MIRROR / name).read_bytes()
+        data = (omniglot_zips / name).read_bytes()
         (tmp_path / name).write_bytes(data[:len(data) // 2])
     with pytest.raises(UserError, match='corrupt or truncated'):
         omniglot.prepare(tmp_path)
@@ -106,21 +101,13 @@ def test_cache_shape_and_fast_second_start(images):
     assert time.perf_counter() - start < 1.0
 
 
-def test_cache_holding_pickled_objects_is_refused_unrun(tmp_path):
-    marker = tmp_path / 'ran'
-    np.save(tmp_path / omniglot.CACHE_NAME, np.array([Payload(f'touch {marker}')]))
-    with pytest.raises(UserError) as error:
-        omniglot.prepare(tmp_path)
-    assert not marker.exists()
-    assert 'is not an Omniglot cache' in str(error.value) and 'allow_pickle' in str(error.value)
-
-
 @pytest.mark.parametrize('zip_name, member', [
     ('images_background.zip', 'images_background/Alphabet_of_the_Magi/character01/0709_01.png'),
     ('images_background.zip', 'images_background/Korean/character40/0682_07.png'),
     ('images_evaluation.zip', 'images_evaluation/Tengwar/character25/1555_20.png')])
-def test_pixels_equal_the_original_resized(images, character_names, zip_name, member):
-    with zipfile.ZipFile(MIRROR / zip_name) as archive:
+def test_pixels_equal_the_original_resized(images, character_names, omniglot_zips, zip_name,
+                                           member):
+    with zipfile.ZipFile(omniglot_zips / zip_name) as archive:
         original = Image.open(io.BytesIO(archive.read(member)))
         folder = member.rsplit('/', 1)[0] + '/'
         names = sorted(n for n in archive.namelist() if n.startswith(folder) and n != folder)
@@ -234,3 +221,24 @@ def test_the_assignment_s_dataloader_works_with_our_dataset_and_sampler():
     torch.manual_seed(1)
     by_tuple = omniglot.OmniglotDataset(1, 1)[(3, 1)]
     assert all(torch.equal(a, b) for a, b in zip(by_array, by_tuple))
+
+
+
+@pytest.mark.parametrize('damage', ['cut short', 'pickled objects'])
+def test_a_damaged_cache_is_rebuilt_from_the_zips_in_one_line(images, omniglot_zips, tmp_path,
+                                                              capsys, damage):
+    for name in omniglot.OFFICIAL_MD5:
+        (tmp_path / name).symlink_to(omniglot_zips / name)
+    whole = io.BytesIO()
+    np.save(whole, images)
+    cache = tmp_path / omniglot.CACHE_NAME
+    marker = tmp_path / 'ran'
+    if damage == 'cut short':
+        cache.write_bytes(whole.getvalue()[:len(whole.getvalue()) // 2])
+    else:  # loading it with pickles allowed would run the command
+        np.save(cache, np.array([Payload(f'touch {marker}')]))
+    np.testing.assert_array_equal(omniglot.prepare(tmp_path), images)
+    assert not marker.exists()
+    assert capsys.readouterr().out == (f'{cache} is cut short or damaged; rebuilding it from '
+                                       'the zips.\n')
+    assert cache.read_bytes() == whole.getvalue()

@@ -150,13 +150,13 @@ def test_checkpoint_carrying_a_pickled_object_is_refused_unrun(cli_error, tmp_pa
     ('missing', 'could not download'),
     ('truncated', 'corrupt or truncated'),
 ])
-def test_data_problems_are_one_line_errors(tmp_path, monkeypatch, cli_error, setup, message):
+def test_data_problems_are_one_line_errors(tmp_path, monkeypatch, cli_error, omniglot_zips, setup,
+                                          message):
     data_dir = tmp_path / 'data'
     data_dir.mkdir()
     if setup == 'truncated':
-        mirror = Path(os.environ['OMNIGLOT_MIRROR'].removeprefix('file://'))
         for name in omniglot.OFFICIAL_MD5:
-            (data_dir / name).write_bytes((mirror / name).read_bytes()[:100000])
+            (data_dir / name).write_bytes((omniglot_zips / name).read_bytes()[:100000])
     monkeypatch.setenv('OMNIGLOT_DIR', str(data_dir))
     monkeypatch.setenv('OMNIGLOT_MIRROR', str(tmp_path / 'none'))
     omniglot.images_on.cache_clear()  # as in a new process: nothing read yet
@@ -179,3 +179,21 @@ def test_a_run_record_names_the_commit_of_its_code_and_whether_files_differ(tmp_
     copied = subprocess.run([sys.executable, '-c', 'import util; print(util.git_commit())'],
                             cwd=tmp_path, capture_output=True, text=True)
     assert copied.stdout.strip() == 'None', copied.stderr
+
+
+def test_a_new_run_into_another_run_s_log_dir_is_refused_and_writes_nothing(tmp_path, cli_error):
+    """Two runs differing only in --seed keep both runs' files: the second, pointed at the
+    first's folder, is refused before it writes."""
+    train_protonet(str(tmp_path), 3)  # checkpoints, events, flags.json
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert any(name.startswith(training.EVENTS_PREFIX) for name in before)
+    err = cli_error('--num_way', '3', '--num_query', '2', '--batch_size', '2', '--seed', '1',
+                    '--log_dir', str(tmp_path))
+    assert all(flag in err for flag in ('--resume', '--checkpoint_step', '--log_dir')), err
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_a_log_dir_under_a_file_is_a_one_line_error(tmp_path, cli_error):
+    (tmp_path / 'file').write_text('')
+    assert 'cannot create --log_dir' in cli_error('--log_dir', str(tmp_path / 'file' / 'run'))
+    assert sorted(tmp_path.iterdir()) == [tmp_path / 'file']
