@@ -7,7 +7,6 @@ file:// TDC_MIRROR; every other test uses that result or a few tiny synthetic fi
 import csv
 import pickle
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -216,14 +215,10 @@ def test_pickle_layout(built):
         assert np.array_equal(entry['feature'], data[name]['feature'])
 
 
-def test_second_start_loads_the_cache_fast(built, monkeypatch):
+def test_second_start_loads_the_cache_without_building(built, monkeypatch):
     datadir, data = built[:2]
     monkeypatch.setattr(metabolism, 'build', None)  # a rebuild would fail
-    start = time.perf_counter()
     again = metabolism.load_metabolism(datadir)
-    seconds = time.perf_counter() - start
-    print(f'\nsecond start loaded the cache in {seconds:.2f} s')
-    assert seconds < 1.0
     for name in metabolism.ALL_SETS:
         assert np.array_equal(again[name]['feature'], data[name]['feature'])
         assert np.array_equal(again[name]['label'], data[name]['label'])
