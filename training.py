@@ -35,6 +35,7 @@ import re
 import shlex
 import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -510,12 +511,13 @@ def check_log_dir(args, log_dir):
     """
     if args.test:
         return  # reads a checkpoint: Learner.load names a missing one
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-    except OSError as error:
-        raise util.UserError(f'cannot create --log_dir {log_dir} ({error.strerror}); pick '
-                             'another --log_dir') from None
-    if args.resume or args.checkpoint_step > -1:
+    nearest = Path(log_dir).absolute()  # what creating it would write into; nothing made yet
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
+        raise util.UserError(f'cannot create --log_dir {log_dir} ({nearest} is not a folder '
+                             'you can write in); pick another --log_dir')
+    if args.resume or args.checkpoint_step > -1 or not os.path.isdir(log_dir):
         return
     if checkpoint_steps(log_dir) or any(name.startswith(EVENTS_PREFIX)
                                         for name in os.listdir(log_dir)):
