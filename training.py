@@ -11,7 +11,8 @@ A learner (ProtoNet, MAML, ...) subclasses MetaLearner and supplies only
                        for every METRICS (with train, TRAIN_METRICS) key but 'loss'
     _checkpoint_state() / _load_checkpoint_state(state)
                        the learner's own checkpoint keys (parameters and optimizer state)
-and an Adam optimizer in self._optimizer. Everything else lives here, once, including the
+and an Adam optimizer in self._optimizer (run here with the device's fused kernel:
+use_adam_kernels). Everything else lives here, once, including the
 opt-in reduced precision (`amp`, from --amp): bfloat16 autocast around every `_evaluate`.
 A script's main() checks its flags, then calls `main` below with its data set's task source
 (sampling.py) and a function that builds its learner. Launched by torchrun, every process runs
@@ -52,6 +53,11 @@ AMP_CHOICES = ('none', 'bf16')
 TASKS_CHOICES = ('loop', 'batched', 'auto')
 # What --tasks auto picks per device type: the faster one in benchmarks/README.md's batched rows.
 AUTO_TASKS = {'cpu': 'loop'}
+# Where Adam runs fused: one kernel per step for all parameters, where the plain Adam launches
+# about ten per parameter. torch has the fused kernel on these device types (foreach kernels,
+# the other way to batch the update, it has on CUDA only: none on MPS); elsewhere Adam is
+# torch's default.
+FUSED_ADAM_DEVICES = ('cpu', 'cuda', 'mps')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +103,15 @@ class MetaLearner:
         self._loader_states = None
         self._unread = []  # (step, _train_step's summary on the device) not yet read
         self._signal = 0  # the stop signal received during training, 0 before one
+
+    @property
+    def _optimizer(self):
+        """The learner's Adam, as its subclass sets it, run with the device's kernels."""
+        return self._adam
+
+    @_optimizer.setter
+    def _optimizer(self, optimizer):
+        self._adam = use_adam_kernels(optimizer, self._device)
 
     # ----- what subclasses implement -----
     def _evaluate(self, task_batch, train):
@@ -300,8 +315,8 @@ class MetaLearner:
         if not os.path.isfile(path):
             raise util.UserError(f'no checkpoint at {path}; check --log_dir and --checkpoint_step')
         try:
-            # On the CPU: the learner copies tensors into its own, and Adam's step counts stay
-            # on the host (on a GPU, foreach Adam would read each back in every step).
+            # On the CPU: the learner copies tensors into its own; Adam's step counts go where
+            # its kernels take them (use_adam_kernels).
             state = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as error:
             raise DamagedCheckpoint(path, error) from None
@@ -468,6 +483,30 @@ def per_task(function, batched):
             return tuple(torch.stack(parts) for parts in zip(*results))
         return torch.stack(results)
     return loop
+
+
+def adam_kernels(device):
+    """Adam's implementation flags for a device (str or torch.device): fused on
+    FUSED_ADAM_DEVICES, else torch's default (both None)."""
+    if torch.device(device).type in FUSED_ADAM_DEVICES:
+        return {'fused': True, 'foreach': False}
+    return {'fused': None, 'foreach': None}
+
+
+def use_adam_kernels(optimizer, device):
+    """optimizer (an Adam) with adam_kernels(device), now and after it loads a state: a
+    checkpoint's groups carry the flags of the machine that wrote it, which load_state_dict
+    would take, and they decide where it puts the step counts (fused: on the device).
+
+    Returns:
+        optimizer
+    """
+    kernels = adam_kernels(device)
+    for group in optimizer.param_groups:
+        group.update(kernels)
+    optimizer.register_load_state_dict_pre_hook(lambda _, state: dict(
+        state, param_groups=[dict(group, **kernels) for group in state['param_groups']]))
+    return optimizer
 
 
 def batched_tasks(tasks, device):

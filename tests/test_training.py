@@ -1,4 +1,5 @@
-"""training.py and util.py through ProtoNet: resume, intervals, NaN stop, atomic saves, errors."""
+"""training.py and util.py through ProtoNet: resume, intervals, NaN stop, atomic saves, errors,
+Adam's fused kernel."""
 import argparse
 import os
 import sys
@@ -197,3 +198,48 @@ def test_a_log_dir_under_a_file_is_a_one_line_error(tmp_path, cli_error):
     (tmp_path / 'file').write_text('')
     assert 'cannot create --log_dir' in cli_error('--log_dir', str(tmp_path / 'file' / 'run'))
     assert sorted(tmp_path.iterdir()) == [tmp_path / 'file']
+
+
+@pytest.mark.parametrize('device, fused', [('cpu', True), ('cuda', True), ('mps', True),
+                                           ('meta', None)])
+def test_adam_runs_fused_where_the_device_has_the_kernel(device, fused):
+    assert training.adam_kernels(torch.device(device))['fused'] is fused
+    assert training.adam_kernels(device)['foreach'] is (False if fused else None)
+
+
+def test_a_learner_s_adam_is_fused_and_updates_as_the_plain_adam_does_in_float64():
+    learner = protonet.ProtoNet(0.001, 'unused', 'cpu')
+    assert all(group['fused'] for group in learner._optimizer.param_groups)
+    torch.manual_seed(0)
+    start = [torch.randn(shape, dtype=torch.float64) for shape in [(8, 1, 3, 3), (8,), (5, 8)]]
+    plain, fused = ([value.clone().requires_grad_() for value in start] for _ in range(2))
+    optimizers = [torch.optim.Adam(plain, lr=0.01),
+                  training.use_adam_kernels(torch.optim.Adam(fused, lr=0.01), 'cpu')]
+    for _ in range(5):
+        for value in start:
+            value.grad = torch.randn_like(value)
+        for parameters, optimizer in zip([plain, fused], optimizers):
+            for parameter, value in zip(parameters, start):
+                parameter.grad = value.grad.clone()
+            optimizer.step()
+    assert not torch.equal(plain[0], start[0])
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(b, a, rtol=1e-14, atol=0)
+
+
+def test_a_checkpoint_of_plain_adam_loads_into_the_fused_one(tmp_path):
+    """A checkpoint written before Adam was fused (its groups say fused None) trains on fused."""
+    old = protonet.ProtoNet(0.001, str(tmp_path), 'cpu')
+    for group in old._optimizer.param_groups:
+        group.update(fused=None, foreach=None)
+    for parameter in old._network.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    old._optimizer.step()
+    old._save(0)
+    learner = protonet.ProtoNet(0.001, str(tmp_path), 'cpu')
+    learner.load(0)
+    assert all(group['fused'] for group in learner._optimizer.param_groups)
+    for parameter in learner._network.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    learner._optimizer.step()
+    assert all(float(state['step']) == 2 for state in learner._optimizer.state.values())
