@@ -51,8 +51,12 @@ FLAGS_FILE = 'flags.json'  # how a run was made, written as training starts
 EVENTS_PREFIX = 'events.out.tfevents'  # how TensorBoard's SummaryWriter names its files
 AMP_CHOICES = ('none', 'bf16')
 TASKS_CHOICES = ('loop', 'batched', 'auto')
-# What --tasks auto picks per device type: the faster one in benchmarks/README.md's batched rows.
-AUTO_TASKS = {'cpu': 'loop'}
+# What --tasks auto picks per device type; elsewhere the loop. The CPU: the loop, measured the
+# faster in benchmarks/README.md's batched rows. CUDA and MPS: batched, chosen by the operation
+# count until a GPU times both (benchmarks/README.md): a GPU step is bound by its kernel
+# launches, and batched MAML 5-way 1-shot dispatches about a ninth of the loop's operations per
+# step at 16 tasks, as many at any batch size.
+AUTO_TASKS = {'cpu': 'loop', 'cuda': 'batched', 'mps': 'batched'}
 # Where Adam runs fused: one kernel per step for all parameters, where the plain Adam launches
 # about ten per parameter. torch has the fused kernel on these device types (foreach kernels,
 # the other way to batch the update, it has on CUDA only: none on MPS); elsewhere Adam is
@@ -432,10 +436,11 @@ def add_common_args(parser, num_train_iterations, batch='tasks per outer-loop up
 
 def add_tasks_arg(parser):
     """--tasks, for the learners that can batch their tasks (ProtoNet, MAML)."""
+    picks = ', '.join(f'{tasks} on {device}' for device, tasks in AUTO_TASKS.items())
     parser.add_argument('--tasks', type=str, default='loop',
                         help="'loop' runs a batch's tasks one at a time, 'batched' all at once "
-                             "(torch.func.vmap; the same numbers), 'auto' the one measured "
-                             'faster on this kind of device (the loop where not measured)')
+                             "(torch.func.vmap; the same numbers), 'auto' picks by device: "
+                             f'{picks}, loop elsewhere')
 
 
 # The task shape, as every default log dir starts: (name in the log dir, flag).
@@ -511,7 +516,7 @@ def use_adam_kernels(optimizer, device):
 
 def batched_tasks(tasks, device):
     """Whether a learner runs a batch's tasks all at once: --tasks 'batched', or 'auto' where
-    AUTO_TASKS says batched for the device's type; 'loop' and unmeasured devices: one by one."""
+    AUTO_TASKS says batched for the device's type; 'loop' and other devices: one by one."""
     check_tasks(tasks)
     if tasks == 'auto':
         tasks = AUTO_TASKS.get(torch.device(device).type, 'loop')
