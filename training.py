@@ -161,6 +161,8 @@ class MetaLearner:
         loaders = {'train': dataloader_train, 'val': dataloader_val}
         with util.on_stop_signals(self._on_signal):
             for step, task_batch in enumerate(dataloader_train, start=self._start_train_step):
+                if step == self._start_train_step:
+                    self._check_memory(task_batch)
                 self._unread.append((step, self._train_step(task_batch, step)))
                 if step % LOG_INTERVAL == 0:
                     metrics = self._read_training()
@@ -179,6 +181,23 @@ class MetaLearner:
         self._read_training()
         writer.flush()
         return step
+
+    def _check_memory(self, task_batch):
+        """Before the first step on a GPU: one line (memory_warning) where what this process's
+        tasks of task_batch keep for the backward pass would not fit in the device's free
+        memory, rather than an out-of-memory error in the step. The estimate: the saved tensors
+        of one task's training forward pass (graph_bytes), times the tasks; not on the CPU.
+        """
+        device = torch.device(self._device)
+        free = free_memory(device)
+        if free is None:
+            return
+        tasks = self._share(task_batch)
+        with self._autocast():
+            per_task = graph_bytes(self._evaluate(tasks[:1], train=True)[0])
+        warning = memory_warning(per_task, len(tasks), free, device)
+        if warning:
+            print(warning)
 
     def _on_signal(self, signum):
         """A stop signal during training: the first one is noted, and train stops after this
@@ -488,6 +507,59 @@ def per_task(function, batched):
             return tuple(torch.stack(parts) for parts in zip(*results))
         return torch.stack(results)
     return loop
+
+
+def graph_bytes(tensor):
+    """Bytes of the tensors saved for the backward pass in tensor's autograd graph (each
+    storage once), read from its nodes' saved values (the `_saved_*` attributes; hooks on
+    saving do not run under torch.func.grad). A training step holds them from its forward pass
+    into its backward pass: a lower bound of its memory.
+
+    Args:
+        tensor (Tensor): the result of a forward pass, with a grad_fn
+    """
+    storages, seen, nodes = {}, set(), [tensor.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if name.startswith('_saved_'):
+                values = getattr(node, name)
+                for value in values if isinstance(values, (tuple, list)) else [values]:
+                    if isinstance(value, torch.Tensor):
+                        storage = value.untyped_storage()
+                        storages[storage.data_ptr()] = storage.nbytes()
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return sum(storages.values())
+
+
+def free_memory(device):
+    """Bytes a GPU can still allocate: on CUDA, its free memory (torch.cuda.mem_get_info) and
+    what PyTorch's cache holds unused; on MPS, the recommended working set less what is
+    allocated; None elsewhere (the CPU: not checked)."""
+    if device.type == 'cuda':
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+    if device.type == 'mps':
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return None
+
+
+def memory_warning(per_task, num_tasks, free, device):
+    """The line saying that num_tasks tasks of per_task bytes each exceed free bytes on device,
+    with the largest --batch_size that may fit (this process's tasks times the processes);
+    None where they fit."""
+    if per_task * num_tasks <= free:
+        return None
+    fits = free // per_task * distributed.world_size()
+    advice = (f'--batch_size {fits} at most fits' if fits else
+              'not even one task fits: use fewer ways, shots, queries or inner steps')
+    return (f'Warning: a batch of {num_tasks * distributed.world_size()} tasks keeps about '
+            f'{per_task * num_tasks / 2 ** 30:.1f} GiB for its backward pass '
+            f'({per_task / 2 ** 20:.0f} MiB a task), more than the {free / 2 ** 30:.1f} GiB '
+            f'free on {device.type}; {advice}.')
 
 
 def adam_kernels(device):
