@@ -21,7 +21,9 @@ the same loop on the same batches, each on its share of them (distributed.py).
 On a GPU the host never waits for the device in a training step between log steps: a step's
 loss and metrics stay on the device, and the host reads them every LOG_INTERVAL steps and
 before every checkpoint, where a non-finite loss of any step since the last read stops
-training before a checkpoint can hold it.
+training before a checkpoint can hold it. Before the first step on a GPU, one line says so
+where what a batch keeps for its backward pass would not fit in the device's free memory, with
+the batch size that may (_check_memory).
 
 A run survives being stopped: SIGTERM, SIGINT or SIGUSR1 (util.STOP_SIGNALS) ends training
 after the step in progress, whose checkpoint is written first (util.Stopped: one line and exit
