@@ -56,7 +56,7 @@ TASKS_CHOICES = ('loop', 'batched', 'auto')
 # What --tasks auto picks per device type; elsewhere the loop. The CPU: the loop, measured the
 # faster in benchmarks/README.md's batched rows. CUDA and MPS: batched, chosen by the operation
 # count until a GPU times both (benchmarks/README.md): a GPU step is bound by its kernel
-# launches, and batched MAML 5-way 1-shot dispatches about a ninth of the loop's operations per
+# launches, and batched MAML 5-way 1-shot dispatches about a tenth of the loop's operations per
 # step at 16 tasks, as many at any batch size.
 AUTO_TASKS = {'cpu': 'loop', 'cuda': 'batched', 'mps': 'batched'}
 # Where Adam runs fused: one kernel per step for all parameters, where the plain Adam launches
