@@ -61,7 +61,7 @@ def inner_lr(run):
 LR, SMALL_LR = inner_lr(experiments.MAML_DEFAULT_LR), inner_lr(experiments.MAML_SMALL_LR)
 
 
-def test_shape(run):
+def tested_shape(run):
     """(support, query) of the one --test of a run tested on its training shape."""
     (shape,) = run.tests
     return shape
@@ -396,7 +396,7 @@ def metabolism_rows(runs):
     _, ci95 = runs.curve(METABOLISM, VAL_CI95)
     last = f'{interval(accuracies[-1], ci95[-1])} (iteration {steps[-1]})' if steps else '—'
     return (['', 'validation query accuracy', 'test accuracy'],
-            [['ours', last, test_cell(runs, METABOLISM, *test_shape(experiments.METABOLISM))],
+            [['ours', last, test_cell(runs, METABOLISM, *tested_shape(experiments.METABOLISM))],
              *([f'{year} report', reported_cell(value), '—']
                for year, value in REPORTED['metabolism_val'].items())])
 
@@ -404,7 +404,7 @@ def metabolism_rows(runs):
 def second_handout_rows(runs):
     return (['run', 'last validation', 'test accuracy'],
             [[name, last_validation(runs, name),
-              test_cell(runs, name, *test_shape(experiments.BY_NAME[name]))]
+              test_cell(runs, name, *tested_shape(experiments.BY_NAME[name]))]
              for name in SECOND_HANDOUT_RUNS])
 
 
