@@ -206,7 +206,7 @@ class Bench:
     def transfer(self, amp='none'):
         return maml_transfer.TransferLearner(LEARNING_RATE, self.sizes.adapt_steps, 2.0,
                                              self.log_dir, self.device,
-                                             training.RunSettings(amp=amp))
+                                             training.RunSettings(amp=amp), num_way=5)
 
     def reference_transfer_validate(self):
         """reference.transfer_learn, a task at a time, on the tasks ours_validate draws."""

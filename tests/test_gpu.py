@@ -65,7 +65,7 @@ def build(name, device, amp='none', tasks='loop', log_dir='unused'):
         'maml first order': lambda: maml_learner(first_order=True),
         'maml++': lambda: maml_learner(maml_plus_plus=PLUS_PLUS),
         'transfer': lambda: maml_transfer.TransferLearner(
-            0.001, 5, 2.0, log_dir, device, training.RunSettings(amp=amp)),
+            0.001, 5, 2.0, log_dir, device, training.RunSettings(amp=amp), num_way=WAY),
         'metabolism': lambda: protonet.ProtoNet(0.001, log_dir, device, amp=amp, tasks=tasks,
                                                 num_way=2, learner=run_metabolism.FCNet()),
     }[name]()
