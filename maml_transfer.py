@@ -46,6 +46,7 @@ def transfer_learn(parameters, task_batch, num_steps, learning_rate, batched=Fal
         query losses, support accuracies and query accuracies after adaptation, each a tensor
         of shape (num_tasks,)
     """
+    ### START CODE HERE ###
     images_support, labels_support, images_query, labels_query = (
         torch.stack(part) for part in zip(*task_batch))
     parameters = {key: value.detach() for key, value in parameters.items()}
@@ -66,6 +67,7 @@ def transfer_learn(parameters, task_batch, num_steps, learning_rate, batched=Fal
                                  reduction='none').view(labels_query.shape).mean(1)
         return (losses, util.accuracy_per_task(inputs_support @ head.mT, labels_support),
                 util.accuracy_per_task(logits_query, labels_query))
+    ### END CODE HERE ###
 
 
 def with_ones(features):
