@@ -11,9 +11,10 @@ naming the function to complete. `fill` puts a solution's regions back into a st
 """
 import ast
 import io
+import itertools
 import subprocess
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import util
@@ -72,6 +73,7 @@ class Region:
     end: int
     indent: str
     name: str  # the qualified name of the function holding it, e.g. ProtoNet._step
+    function: ast.AST = field(compare=False, repr=False)  # that function's syntax tree
 
 
 def find_regions(text, path):
@@ -91,7 +93,7 @@ def find_regions(text, path):
             start = number
             continue
         regions.append(Region(start, number, lines[start][:-len(lines[start].lstrip())],
-                              enclosing(functions, start + 1, path)))
+                              *enclosing(functions, start + 1, path)))
         start = None
     if start is not None:
         raise util.UserError(f'{path}:{start + 1}: {START} without its {END} line')
@@ -111,20 +113,18 @@ def function_spans(tree, prefix=''):
 
 
 def enclosing(functions, line, path):
-    """The innermost function (first, last, name, node) around a 1-based line number."""
+    """(name, node) of the innermost function around a 1-based line number."""
     around = [span for span in functions if span[0] < line <= span[1]]
     if not around:
         raise util.UserError(f'{path}:{line}: {START} outside a function; mark code inside the '
                              f'function to complete')
-    return max(around, key=lambda span: span[0])[2]
+    return max(around, key=lambda span: span[0])[2:]
 
 
-def expected_names(text, region):
+def expected_names(region):
     """(names the region assigns that its function uses after it, whether it returns)."""
-    node = next(span[3] for span in function_spans(ast.parse(text))
-                if span[2] == region.name)
     first, last = region.start + 1, region.end + 1  # 1-based lines of the markers
-    nodes = list(ast.walk(node))
+    nodes = list(ast.walk(region.function))
     assigned = [n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
                 and first < n.lineno < last]
     used = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
@@ -136,17 +136,15 @@ def expected_names(text, region):
 def blank_lines(text, region, path):
     """A region's starter lines: its leading comments, what to compute, and the stop line."""
     lines = text.splitlines(keepends=True)[region.start + 1:region.end]
-    comments = []
-    for line in lines:
-        if not line.lstrip().startswith('#'):
-            break
-        comments.append(line)
-    names, returns = expected_names(text, region)
-    wanted = ([f'assign {" and ".join(names)} (the code below uses them)'] if names else []) + (
-        ['return what the docstring says'] if returns else [])
+    comments = list(itertools.takewhile(lambda line: line.lstrip().startswith('#'), lines))
+    names, returns = expected_names(region)
+    uses = 'uses them' if len(names) > 1 else 'uses it'
+    wanted = ([f'assign {", ".join(names)} (the code below {uses})'] if names else []) + (
+        ['return what the docstring says'] if returns else []) or ['write what is missing here']
     stop = f'complete {region.name} in {path}: its CODE HERE region is blank'
     return comments + [f'{region.indent}# TODO: {" and ".join(wanted)}.\n',
-                       f'{region.indent}raise util.UserError({stop!r})\n']
+                       f'{region.indent}raise util.UserError(\n',
+                       f'{region.indent}    {stop!r})\n']
 
 
 def blank(text, path):

@@ -45,7 +45,7 @@ def starter(tmp_path_factory):
 
 
 # ----- the regions -----
-TWO_REGIONS = '''import util
+REGIONS = '''import util
 
 
 class Learner:
@@ -56,7 +56,12 @@ class Learner:
             text = file.read()
             size = len(text)
             ### END CODE HERE ###
-        return text, size
+        return size
+
+    def reset(self):
+        ### START CODE HERE ###
+        self.count = 0
+        ### END CODE HERE ###
 
 
 def double(x):
@@ -66,25 +71,31 @@ def double(x):
 '''
 
 
-def test_any_number_of_regions_blank_with_their_names_and_fill_back():
-    regions = homework.find_regions(TWO_REGIONS, 'learner.py')
+def test_any_number_of_regions_blank_with_what_they_owe_and_fill_back():
+    regions = homework.find_regions(REGIONS, 'learner.py')
     assert [(region.name, region.indent) for region in regions] == [
-        ('Learner.step', ' ' * 12), ('double', ' ' * 4)]
-    blank = homework.blank(TWO_REGIONS, 'learner.py')
-    assert blank == TWO_REGIONS.replace('''            text = file.read()
+        ('Learner.step', ' ' * 12), ('Learner.reset', ' ' * 8), ('double', ' ' * 4)]
+    blank = homework.blank(REGIONS, 'learner.py')
+    assert blank == REGIONS.replace('''            text = file.read()
             size = len(text)
-''', '''            # TODO: assign text and size (the code below uses them).
-            raise util.UserError('complete Learner.step in learner.py: its CODE HERE region is blank')
+''', '''            # TODO: assign size (the code below uses it).
+            raise util.UserError(
+                'complete Learner.step in learner.py: its CODE HERE region is blank')
+''').replace('''        self.count = 0
+''', '''        # TODO: write what is missing here.
+        raise util.UserError(
+            'complete Learner.reset in learner.py: its CODE HERE region is blank')
 ''').replace('''    return 2 * x
 ''', '''    # TODO: return what the docstring says.
-    raise util.UserError('complete double in learner.py: its CODE HERE region is blank')
+    raise util.UserError(
+        'complete double in learner.py: its CODE HERE region is blank')
 ''')
-    assert homework.fill(blank, TWO_REGIONS, 'learner.py') == TWO_REGIONS
+    assert homework.fill(blank, REGIONS, 'learner.py') == REGIONS
 
 
 @pytest.mark.parametrize('text, line', [
-    (TWO_REGIONS.replace('            ### END CODE HERE ###\n', '', 1), '15: ### START'),
-    (TWO_REGIONS.replace('    ### START CODE HERE ###\n    return', '    return'), '17: ### END'),
+    (REGIONS.replace('            ### END CODE HERE ###\n', '', 1), '14: ### START'),
+    (REGIONS.replace('    ### START CODE HERE ###\n    return', '    return'), '22: ### END'),
     ('### START CODE HERE ###\n### END CODE HERE ###\n', '1: ### START CODE HERE ### outside')])
 def test_a_marker_out_of_place_is_one_line_naming_file_and_line(text, line):
     with pytest.raises(util.UserError, match=f'^learner.py:{line}'):
