@@ -102,6 +102,12 @@ def test_a_marker_out_of_place_is_one_line_naming_file_and_line(text, line):
         homework.find_regions(text, 'learner.py')
 
 
+def test_a_file_whose_blanks_could_not_raise_is_refused_in_one_line():
+    with pytest.raises(util.UserError, match='^learner.py has graded regions but does not '
+                                             'import util'):
+        homework.blank(REGIONS.replace('import util\n', ''), 'learner.py')
+
+
 @pytest.mark.parametrize('write', [homework.write_starter, homework.write_autograder])
 def test_starter_and_autograder_refuse_an_existing_path(tmp_path, write):
     with pytest.raises(util.UserError, match=f'^{tmp_path} already exists; name a new path'):
