@@ -131,23 +131,31 @@ def test_the_starter_is_the_solution_with_blanks_that_fill_back_byte_for_byte(st
             assert (starter / name).read_bytes() == solution, name
 
 
-SCRIPTS = [  # (script and flags, the function its first blank names)
+SCRIPTS = [  # (script and flags but the log folder's, the function its first blank names)
     (['protonet.py', '--num_train_iterations', '2', '--batch_size', '2'], 'ProtoNet._evaluate'),
     (['maml_transfer.py', '--num_train_iterations', '2', '--batch_size', '4'], 'transfer_learn'),
     (['run_metabolism.py', '--batch_size', '2'], 'ProtoNet._evaluate'),
+    (['experiments.py', '--scale', 'tiny', '--only', 'protonet_5shot'], 'ProtoNet._evaluate'),
     pytest.param(['maml.py', '--num_train_iterations', '2', '--batch_size', '2'],
                  'MAML._outer_step', marks=pytest.mark.skipif(
                      not is_marked('maml.py'), reason='maml.py has no graded region yet'))]
 
 
 @pytest.mark.parametrize('script, name', SCRIPTS)
-def test_each_starter_script_stops_in_one_line_at_its_first_blank(starter, built, tmp_path,
+def test_each_starter_script_stops_in_one_line_at_its_first_blank(starter, request, tmp_path,
                                                                    script, name):
-    datadir = ['--datadir', built[0]] if script[0] == 'run_metabolism.py' else []
-    result = run(starter, sys.executable, *script, *datadir, '--log_dir', tmp_path / 'logs')
+    datadir = (['--datadir', request.getfixturevalue('built')[0]]
+               if script[0] == 'run_metabolism.py' else [])
+    log_dir = '--log_root' if script[0] == 'experiments.py' else '--log_dir'
+    result = run(starter, sys.executable, *script, *datadir, log_dir, tmp_path / 'logs')
     assert result.returncode == 2
-    assert result.stderr == (f'error: complete {name} in {name_file(name)}: its CODE HERE '
-                             f'region is blank\n')
+    line = f'error: complete {name} in {name_file(name)}: its CODE HERE region is blank'
+    lines = result.stderr.splitlines()
+    if script[0] == 'experiments.py':  # runs protonet.py under a progress bar (on stderr)
+        line = f'error: protonet_5shot failed ({line}); its output is in {tmp_path}'
+        lines = lines[-1:]
+    (stderr,) = lines
+    assert stderr.startswith(line) and 'Traceback' not in result.stderr
 
 
 def name_file(name):
