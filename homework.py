@@ -31,6 +31,12 @@ SETUP_SH = '''#!/usr/bin/env bash
 # virtual environment (Python >= 3.11, README), then the Omniglot data the grader reads.
 set -euo pipefail
 cd "$(dirname "$0")"
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "error: this image's python3 is $(python3 --version 2>&1 | cut -d' ' -f2); the pinned" \
+        "requirements need 3.11 or newer: pick a newer base image (Ubuntu 24.04) in" \
+        "Gradescope's autograder settings" >&2
+    exit 2
+}
 VENV="${AUTOGRADER_ROOT:-/autograder}/venv"
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -r requirements.txt

@@ -212,6 +212,22 @@ def test_the_autograder_zip_holds_setup_and_run_autograder_at_its_root(autograde
     assert subprocess.run(['bash', '-n'], input=setup, text=True).returncode == 0
 
 
+def test_setup_refuses_a_python_older_than_3_11_in_one_line(autograder_zip, tmp_path):
+    """Gradescope's older base images carry Python 3.10 or less, where pip would fail later."""
+    with zipfile.ZipFile(autograder_zip) as archive:
+        archive.extract('setup.sh', tmp_path)
+    (tmp_path / 'bin').mkdir()
+    (tmp_path / 'bin' / 'python3').write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && echo Python 3.10.12 || exit 1\n')
+    (tmp_path / 'bin' / 'python3').chmod(0o755)
+    result = run(tmp_path, 'bash', tmp_path / 'setup.sh', AUTOGRADER_ROOT=str(tmp_path),
+                 PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}')
+    assert result.returncode == 2 and not (tmp_path / 'venv').exists()
+    assert result.stderr == ("error: this image's python3 is 3.10.12; the pinned requirements "
+                             "need 3.11 or newer: pick a newer base image (Ubuntu 24.04) in "
+                             "Gradescope's autograder settings\n")
+
+
 def test_the_solution_scores_full_marks_and_a_broken_method_fewer(autograder_zip, tmp_path):
     solution = {name: (ROOT / name).read_text() for name in homework.GRADED_FILES}
     assert solution['protonet.py'].count(BROKEN[0]) == 1
