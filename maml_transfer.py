@@ -43,6 +43,7 @@ def transfer_learn(parameters, task_batch, num_way, num_steps, learning_rate, ba
         query losses, support accuracies and query accuracies after adaptation, each a tensor
         of shape (num_tasks,)
     """
+    ### START CODE HERE ###
     images_support, labels_support, images_query, labels_query = (
         torch.stack(part) for part in zip(*task_batch))
     features = frozen_features(parameters, batched)
@@ -58,6 +59,7 @@ def transfer_learn(parameters, task_batch, num_way, num_steps, learning_rate, ba
                                  reduction='none').view(labels_query.shape).mean(1)
         return (losses, util.accuracy_per_task(features_support @ layer.mT, labels_support),
                 util.accuracy_per_task(logits_query, labels_query))
+    ### END CODE HERE ###
 
 
 def frozen_features(parameters, batched):

@@ -65,10 +65,12 @@ def prototype_logits(latents_support, labels_support, latents_query, num_way):
     Elementwise products and sums only, no matrix product: float32 latents stay float32 under
     bfloat16 autocast, whose 8-bit mantissa would round squared distances of ~100 by ~0.5.
     """
+    ### START CODE HERE ###
     one_hot = layers.one_hot(labels_support, num_way, latents_support.dtype)
     sums = (one_hot.unsqueeze(-1) * latents_support.unsqueeze(2)).sum(1)
     prototypes = sums / one_hot.sum(1).unsqueeze(-1)
     return -(latents_query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
+    ### END CODE HERE ###
 
 
 class ProtoNet(training.MetaLearner):
@@ -131,12 +133,14 @@ class ProtoNet(training.MetaLearner):
         images_support, labels_support, images_query, labels_query = (
             torch.stack(part).to(self._device) for part in zip(*task_batch))
         num_way = self._num_way or len(labels_support[0].unique())
+        ### START CODE HERE ###
         latents_support = layers.at_least_float32(self._forward(images_support))
         latents_query = layers.at_least_float32(self._forward(images_query))
         logits_support = prototype_logits(latents_support, labels_support, latents_support,
                                           num_way)
         logits_query = prototype_logits(latents_support, labels_support, latents_query, num_way)
         loss = F.cross_entropy(logits_query.flatten(0, 1), labels_query.flatten())
+        ### END CODE HERE ###
         accuracies = {'support': util.accuracy_per_task(logits_support, labels_support),
                       'query': util.accuracy_per_task(logits_query, labels_query)}
         if per_task:
