@@ -174,6 +174,10 @@ def make_deterministic(device, amp):
     torch.backends.cudnn.benchmark = False
     if amp == 'none':
         torch.backends.cuda.matmul.fp32_precision = 'ieee'
+        # The old flag too, first (it resets conv's): inductor's max-autotune convolution
+        # templates (--compile) still read it, and reading it raises while it disagrees with
+        # the new ones.
+        torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.conv.fp32_precision = 'ieee'
 
 

@@ -37,20 +37,26 @@ def test_a_checkpoint_loads_on_the_host_and_adam_keeps_its_step_counts_there(bui
     assert all(state['exp_avg'].device.type == 'meta' for state in states)
 
 
+# The global flags that make_deterministic sets, as (namespace, name); the old cuDNN TF32 flag
+# first, as setting it resets the new ones of convolutions and recurrent layers.
+BACKEND_FLAGS = [(torch.backends.cudnn, 'allow_tf32'), (torch.backends.cudnn, 'deterministic'),
+                 (torch.backends.cudnn, 'benchmark'),
+                 (torch.backends.cuda.matmul, 'fp32_precision'),
+                 (torch.backends.cudnn.conv, 'fp32_precision'),
+                 (torch.backends.cudnn.rnn, 'fp32_precision'),
+                 (torch.utils.deterministic, 'fill_uninitialized_memory')]
+
+
 @pytest.fixture
 def restored_backends():
     """Puts back the global flags that make_deterministic sets."""
     saved = (torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
-             torch.utils.deterministic.fill_uninitialized_memory)
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    flags = [getattr(namespace, name) for namespace, name in BACKEND_FLAGS]
     yield
     torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-    torch.utils.deterministic.fill_uninitialized_memory = saved[-1]
-    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-     torch.backends.cuda.matmul.fp32_precision,
-     torch.backends.cudnn.conv.fp32_precision) = saved[2:-1]
+    for (namespace, name), value in zip(BACKEND_FLAGS, flags, strict=True):
+        setattr(namespace, name, value)
 
 
 @pytest.mark.parametrize('amp, precision', [('none', 'ieee'), ('bf16', 'tf32')])
@@ -66,6 +72,15 @@ def test_cuda_runs_are_deterministic_and_float32_has_no_tf32(amp, precision, res
     assert torch.backends.cuda.matmul.fp32_precision == precision
     assert util.os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
     assert not torch.utils.deterministic.fill_uninitialized_memory  # no fill kernel per tensor
+
+
+@pytest.mark.parametrize('amp, allowed', [('none', False), ('bf16', True)])
+def test_the_old_tf32_flag_that_compiled_convolutions_read_agrees(amp, allowed,
+                                                                  restored_backends):
+    """Inductor's max-autotune convolution templates (--compile) read the old flag, which
+    raises while it disagrees with the new ones."""
+    util.make_deterministic(torch.device('cuda'), amp)
+    assert torch.backends.cudnn.allow_tf32 is allowed
 
 
 def test_the_cpu_is_left_as_it_is(restored_backends):

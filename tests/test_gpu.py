@@ -8,7 +8,8 @@ network), loop and batched, --amp none and bf16:
 - loop against batched on the GPU;
 - no host-device sync in a training step (CUDA's sync debug mode set to raise);
 and, through the scripts: the same seed twice gives the same weights; a run saved on the GPU
-resumes on the CPU and the other way round; `protonet.py --compile` trains; with two GPUs,
+resumes on the CPU and the other way round; `protonet.py --compile` trains (also through
+inductor's max-autotune convolution templates); with two GPUs,
 torchrun with 2 processes gives one process's weights (float64, as
 tests/test_distributed.py on the CPU); `python -m benchmarks.benchmark --device gpu --quick`
 passes its accuracy checks.
@@ -227,12 +228,20 @@ def test_a_run_saved_on_one_device_resumes_on_the_other(script, first, then, dev
                if path.startswith(('/network', '/meta', '/parameters')))
 
 
+# Inductor's max-autotune with its Triton convolution backward templates: they read the old
+# TF32 flag (torch.backends.cudnn.allow_tf32), which raises where it disagrees with the new ones.
+MAX_AUTOTUNE = {'TORCHINDUCTOR_MAX_AUTOTUNE': '1',
+                'TORCHINDUCTOR_MAX_AUTOTUNE_BWD_WEIGHT_CONV_BACKENDS': 'ATEN,TRITON',
+                'TORCHINDUCTOR_MAX_AUTOTUNE_BWD_INPUT_CONV_BACKENDS': 'ATEN,TRITON'}
+
+
 @only_cuda
-def test_compiled_protonet_trains(tmp_path):
+@pytest.mark.parametrize('inductor', [{}, MAX_AUTOTUNE], ids=['default', 'max-autotune'])
+def test_compiled_protonet_trains(inductor, tmp_path):
     result = subprocess.run([sys.executable, 'protonet.py', '--compile', '--device', 'gpu',
                              '--num_train_iterations', '2', '--batch_size', '2',
                              '--log_dir', str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=900)
+                            text=True, timeout=900, env={**os.environ, **inductor})
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'Iteration 0: loss' in result.stdout
 
