@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import numerics, time_to_accuracy
+from benchmarks import benchmark, numerics, time_to_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,40 @@ def test_quick_benchmark_checks_accuracy_and_prints_every_row():
         expected = ours / reference if 'tasks/s' in name else reference / ours
         # the speed-up rounds to 0.1, each cell to 3 digits: both errors add
         assert abs(speed_up - expected) <= 0.05 + 0.01 * expected, (name, speed_up, expected)
+
+
+class RecordingBench:
+    """Stands in for benchmark.Bench on a CUDA GPU: every measurement is Result(1, 1), and the
+    --amp of every learner built is recorded in amps."""
+    device = torch.device('cuda')
+    inner_lrs = {}
+
+    def __init__(self):
+        self.amps = []
+
+    def __getattr__(self, name):
+        if name in ('course_protonet', 'course_maml'):
+            return lambda: (None, None)  # (network or parameters, optimizer)
+
+        def method(*args, **kwargs):
+            self.amps += [value for value in (*args, *kwargs.values())
+                          if value in benchmark.AMPS]
+            return benchmark.Result(1.0, 1.0)
+        return method
+
+
+@pytest.mark.parametrize('capability, timed', [((7, 5), ['none']), ((8, 0), ['none', 'bf16'])])
+def test_bf16_is_timed_only_where_the_gpu_has_it(capability, timed, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'a GPU')
+    bench = RecordingBench()
+    rows = benchmark.measure_rows(bench)
+    assert set(bench.amps) == set(timed)
+    assert all((ours_bf16 is not None) == ('bf16' in timed and 'sampling' not in name)
+               for name, (_, _, ours_bf16) in rows.items())
+    lines = benchmark.format_table(rows).splitlines()  # bf16 cells left empty, not a crash
+    loop_against_batched = '| ProtoNet 5w5s: training, s/iter | 1 | 1 | 1.0x |  |  |  |'
+    assert (loop_against_batched in lines) == ('bf16' not in timed)
 
 
 def speed_up_cells(printed):

@@ -1,8 +1,9 @@
 """What the scripts decide for a GPU, checked on the CPU: checkpoints load on the host, CUDA
 runs repeat themselves (deterministic algorithms, no TF32 in float32), bf16 is refused in one
-line on GPUs without it, and torchrun's NCCL group binds its GPU and lets the data be prepared
+line on GPUs without it (and tests/test_gpu.py skips it there), and torchrun's NCCL group binds its GPU and lets the data be prepared
 first. tests/test_gpu.py runs the same on a real GPU."""
 import datetime
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.distributed as dist
 import distributed
 import maml
 import protonet
+import test_gpu
 import util
 
 
@@ -117,6 +119,31 @@ def test_bf16_on_an_apple_gpu_before_macos_14_is_one_line(macos_14, refused, mon
     with pytest.raises(util.UserError, match='^bfloat16 on Apple GPUs needs macOS 14 or newer; '
                                              'use --amp none$'):
         util.check_amp(torch.device('mps'), 'bf16')
+
+
+@pytest.fixture
+def gpu_without_bf16(monkeypatch):
+    """This machine as one with a T4 (compute capability 7.5) and an Apple GPU on macOS 13."""
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Tesla T4')
+    monkeypatch.setattr(torch.backends.mps, 'is_macos_or_newer', lambda major, minor: False)
+
+
+@pytest.mark.parametrize('device, reason', [
+    ('cuda', 'Tesla T4 (compute capability 7.5) has no bfloat16 arithmetic'),
+    ('mps', 'bfloat16 on Apple GPUs needs macOS 14 or newer')])
+def test_the_gpu_tests_skip_bf16_where_the_scripts_refuse_it(device, reason, gpu_without_bf16):
+    with pytest.raises(pytest.skip.Exception, match=re.escape(reason)):
+        test_gpu.skip_where_bf16_is_refused('bf16', device)
+    test_gpu.skip_where_bf16_is_refused('none', device)  # float32 runs everywhere
+    test_gpu.skip_where_bf16_is_refused(None, device)  # a case without --amp
+
+
+def test_the_gpu_tests_run_bf16_where_it_is_native(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.backends.mps, 'is_macos_or_newer', lambda major, minor: True)
+    for device in 'cuda', 'mps', 'cpu':
+        test_gpu.skip_where_bf16_is_refused('bf16', device)
 
 
 @pytest.fixture
