@@ -317,6 +317,11 @@ def loop_and_batched(ours_loop, ours_batched, name):
             ratio(ours_loop, ours_batched, name)]
 
 
+def mib(memory):
+    """A memory figure in MiB, or n/a where the platform has none (timing.memory_mib)."""
+    return 'n/a' if memory is None else f'{memory:.0f}'
+
+
 def format_table(rows):
     """The markdown tables of speed and memory."""
     lines = ['| | reference | ours fp32 | speed-up | ours bf16 | speed-up |',
@@ -339,7 +344,7 @@ def format_table(rows):
     lines += ['', '| peak memory, MiB | reference | ours fp32 | ours bf16 |', '|---|---:|---:|---:|']
     for name, results in rows.items():
         lines.append(f'| {name.rsplit(",", 1)[0]} | ' + ' | '.join(
-            f'{result.memory:.0f}' if result else '' for result in results) + ' |')
+            mib(result.memory) if result else '' for result in results) + ' |')
     return '\n'.join(lines)
 
 
@@ -367,7 +372,7 @@ def main(args):
         rows = measure_rows(bench)
     print(f'\nMachine: {machine(device)}; batch of {sizes.batch_size} tasks, 15 queries per '
           f'class; median of {sizes.repeats} iterations after {sizes.warmup} warm-up; this '
-          f'process held {start_memory:.0f} MiB before the rows.\n')
+          f'process held {mib(start_memory)} MiB before the rows.\n')
     if problem := util.bf16_problem(device):
         print(f'No bf16 columns: {problem}.\n')
     print(format_table(rows))

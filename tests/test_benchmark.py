@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import benchmark, numerics, time_to_accuracy
+from benchmarks import benchmark, numerics, time_to_accuracy, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +85,16 @@ def test_bf16_is_timed_only_where_the_gpu_has_it(capability, timed, monkeypatch)
     lines = benchmark.format_table(rows).splitlines()  # bf16 cells left empty, not a crash
     loop_against_batched = '| ProtoNet 5w5s: training, s/iter | 1 | 1 | 1.0x |  |  |  |'
     assert (loop_against_batched in lines) == ('bf16' not in timed)
+
+
+@pytest.mark.parametrize('platform', ['darwin', 'win32'])
+def test_memory_is_n_a_where_the_platform_has_no_peak_to_reset(platform, monkeypatch):
+    monkeypatch.setattr(timing.sys, 'platform', platform)
+    monkeypatch.setattr(timing.ctypes, 'CDLL', lambda name: pytest.fail('glibc is Linux only'))
+    result = timing.measure(lambda: None, 0, 1, torch.device('cpu'))
+    assert result.value >= 0 and result.memory is None
+    rows = {'Task sampling 5w5s: tasks/s': (timing.Result(2.0, 1.0), result, None)}
+    assert '| Task sampling 5w5s: tasks/s | 1 | n/a |  |' in benchmark.format_table(rows)
 
 
 def speed_up_cells(printed):
