@@ -1,7 +1,7 @@
 """What the scripts decide for a GPU, checked on the CPU: checkpoints load on the host, CUDA
 runs repeat themselves (deterministic algorithms, no TF32 in float32), bf16 is refused in one
-line on GPUs without it (and tests/test_gpu.py skips it there), and torchrun's NCCL group binds its GPU and lets the data be prepared
-first. tests/test_gpu.py runs the same on a real GPU."""
+line on GPUs without it (and tests/test_gpu.py skips it there), and torchrun's NCCL group binds
+its GPU and lets the data be prepared first. tests/test_gpu.py runs the same on a real GPU."""
 import datetime
 import re
 
