@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import layers
+import omniglot
 from benchmarks import benchmark, numerics, time_to_accuracy, timing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +122,47 @@ def test_relative_error_catches_a_wrong_gradient_and_tolerates_rounding_noise():
     wrong = [gradients[0] * 1.01, gradients[1]]
     assert numerics.largest_relative_error(loss, loss, wrong, gradients) == pytest.approx(0.01)
     assert numerics.largest_relative_error(loss * 1.001, loss, gradients, gradients) > 1e-4
+
+
+class Widenings(TorchDispatchMode):
+    """Counts the conversions of float32 tensors to float64 made outside numerics.exact_copy
+    (which copies to the CPU first: Apple's MPS has no float64)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.elsewhere = 0
+        self.inside = False
+        exact_copy = numerics.exact_copy
+
+        def counted(tensor):
+            self.inside = True
+            try:
+                return exact_copy(tensor)
+            finally:
+                self.inside = False
+        monkeypatch.setattr(numerics, 'exact_copy', counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.ops.aten._to_copy.default and kwargs.get('dtype') == torch.float64
+                and args[0].dtype == torch.float32 and not self.inside):
+            self.elsewhere += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize('check, num_support', [
+    (lambda batch, log_dir: numerics.check_protonet(batch, 0, torch.device('cpu'), log_dir), 5),
+    (lambda batch, log_dir: numerics.check_maml(batch, 1, False, 0, torch.device('cpu'),
+                                                log_dir), 1)], ids=['protonet', 'maml'])
+def test_the_float64_references_widen_cpu_copies(check, num_support, monkeypatch, tmp_path):
+    """As on Apple's MPS: ours computes without float64 (layers.exact_dtype), the references in
+    float64 widen copies on the CPU, and nothing else widens."""
+    monkeypatch.setattr(layers, 'DEVICES_WITHOUT_FLOAT64', (*layers.DEVICES_WITHOUT_FLOAT64, 'cpu'))
+    batch = next(iter(omniglot.get_omniglot_dataloader('train', 2, 5, num_support, 2, 2)))
+    with Widenings(monkeypatch) as widenings:
+        ours, theirs = check(batch, str(tmp_path))
+    assert widenings.elsewhere == 0
+    assert all(0 < error < 1e-3 for error in (*ours.values(), theirs))
 
 
 def test_time_to_accuracy_stops_at_the_first_validation_at_the_target():
