@@ -35,7 +35,8 @@ def test_quick_benchmark_checks_accuracy_and_prints_every_row():
     assert [name for name, _, _ in checks] == [*CHECKS, *(f'{name} --tasks batched'
                                                           for name in CHECKS)]
     for _, ours, reference in checks:
-        assert 0 < float(reference) and float(ours) <= max(1e-4, 2 * float(reference))
+        assert 0 < float(reference) and float(ours) <= max(
+            numerics.RELATIVE_TOLERANCE, numerics.ACCURACY_MARGIN * float(reference))
     for row in ROWS:
         cells = rf'{NUMBER} \| {NUMBER} \| {NUMBER}x \| {NUMBER} \| {NUMBER}x'
         assert re.search(rf'^\| {re.escape(row)} \| {cells} \|$', result.stdout, re.M), row
