@@ -19,7 +19,6 @@ printed output is kept in its log dir as console.log.
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import shlex
 import signal
@@ -255,7 +254,7 @@ class Plan:
         record = self.log_dir / training.FLAGS_FILE
         if not record.is_file():
             return
-        argv = json.loads(record.read_text())['argv']
+        argv = util.read_json(record)['argv']
         made = argv[:argv.index('--log_dir')] if '--log_dir' in argv else argv
         if made != self.flags:
             raise util.UserError(f'{self.log_dir} holds a run made with {shlex.join(made)} '

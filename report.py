@@ -13,7 +13,6 @@ is named as shortened, with the iterations it reached, on every figure and table
 Runs without a checkpoint yet are left out and listed.
 """
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +126,7 @@ class Runs:
         return run.reached(log_dir, self.asked(run.name))
 
     def flags(self, name):
-        return json.loads((self.root / name / training.FLAGS_FILE).read_text())
+        return util.read_json(self.root / name / training.FLAGS_FILE)
 
     def asked(self, name):
         """The iterations the run was started for (its --num_train_iterations)."""
@@ -154,7 +153,7 @@ class Runs:
         """The result JSON of the --test of (shot, query) that experiments.py runs at the last
         checkpoint of the iterations the run was started for, or None."""
         path = self.saved[name].test_result(self.root / name, self.asked(name), shot, query)
-        return json.loads(path.read_text()) if path.is_file() else None
+        return util.read_json(path) if path.is_file() else None
 
     def note(self, names):
         """The sentence every figure and table ends with: which of its runs were shortened."""

@@ -266,6 +266,16 @@ def atomic_write_json(obj, path):
         json.dump(obj, file, indent=1)
 
 
+def read_json(path):
+    """The JSON record at path (a run's flags.json or a --test result, written by
+    atomic_write_json), or one line naming it where it is not JSON (cut short, edited)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f'{path} is not a JSON record ({error}); delete it, or move its log dir '
+                        'away') from None
+
+
 def argument_parser(*args, **kwargs):
     """argparse.ArgumentParser(*args, **kwargs) whose --help shows each flag's default: every
     script's parser."""

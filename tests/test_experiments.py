@@ -243,3 +243,16 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path, capsys):
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
     missing = run_script('report.py', '--log_root', str(tmp_path / 'none'))
     assert missing.returncode == 2 and 'no runs in' in missing.stderr
+
+
+def test_a_damaged_flags_json_is_one_line(tmp_path, capsys):
+    (tmp_path / 'protonet_1shot').mkdir()
+    record = tmp_path / 'protonet_1shot' / training.FLAGS_FILE
+    record.write_text('{"argv": ["--num_sup')  # cut short
+    for main in (lambda: experiments.main(experiments.parse_args(
+            ['--log_root', str(tmp_path), '--only', 'protonet_1shot'])),
+                 lambda: report.main(report.parse_args(['--log_root', str(tmp_path)]))):
+        with pytest.raises(SystemExit) as exit:
+            util.cli(main)
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.startswith(f'error: {record} is not a JSON record (')
