@@ -1,8 +1,9 @@
 """Implementation of model-agnostic meta-learning (MAML) for Omniglot.
 
-The math is a few pure functions of a parameter dict and one task's data (`forward`, `adapt`),
-as in the torch.func MAML example; the MAML class holds the meta-parameters, the inner learning
-rates and the optimizer, and plugs them into the shared training loop of training.py.
+The MAML class is the assignment's: training, validation and --test run `_outer_step` on each
+batch, which runs `_inner_loop` on each task, which runs `_forward`. The inner loop takes its
+gradients with torch.func.grad, so that with --tasks batched torch.func.vmap maps the same
+per-task code over the batch (as in the torch.func MAML example).
 
 First-order MAML (--first_order) differentiates phi = theta - alpha * g with the inner gradients
 g treated as constants: the meta-gradient w.r.t. theta is then the query-loss gradient at the
@@ -126,132 +127,10 @@ def forward(parameters, images, norms=None):
                                             parameters[f'b{NUM_CONV_LAYERS}']))
 
 
-def loss_and_logits(parameters, images, labels, norms=None):
-    """Cross-entropy of forward's logits, and the logits; arguments as forward and adapt take
-    them. Returns (0-dim Tensor, logits of shape (examples, num_outputs))."""
-    logits = forward(parameters, images, norms)
-    # float32 under autocast, as autocast itself runs cross-entropy (not reached under vmap)
-    return F.cross_entropy(layers.at_least_float32(logits), labels), logits
-
-
-def autograd_gradient(create_graph):
-    """adapt's gradient function for one task at a time: torch.autograd.grad of loss_and_logits,
-    differentiable when create_graph (second order). With grad mode off (evaluation) it
-    differentiates leaf copies of the weights, so that no graph reaches the meta-parameters."""
-    def gradient(parameters, images, labels, norms):
-        with torch.enable_grad():
-            parameters = {key: value if value.requires_grad else value.detach().requires_grad_()
-                          for key, value in parameters.items()}
-            loss, logits = loss_and_logits(parameters, images, labels, norms)
-            return torch.autograd.grad(loss, list(parameters.values()),
-                                       create_graph=create_graph), logits
-    return gradient
-
-
-def func_gradient(create_graph):
-    """adapt's gradient function that torch.func.vmap can batch over tasks: torch.func.grad of
-    loss_and_logits, which the outer backward differentiates (second order); without
-    create_graph the gradients are detached, constants of the outer backward (first order)."""
-    def gradient(parameters, images, labels, norms):
-        gradients, logits = torch.func.grad(loss_and_logits, has_aux=True)(parameters, images,
-                                                                         labels, norms)
-        gradients = tuple(gradients.values())
-        return gradients if create_graph else tuple(g.detach() for g in gradients), logits
-    return gradient
-
-
-def adapt(parameters, inner_lrs, images, labels, num_steps, gradient, norms=None):
-    """The inner loop: num_steps gradient steps on one task's support loss.
-
-    Each step is phi <- phi - inner_lrs[key] * grad_phi L(phi). The gradient function decides
-    how the gradients are taken: autograd_gradient (one task at a time) or func_gradient
-    (under torch.func.vmap), each differentiable (second-order MAML) or constant (first-order
-    MAML: the result is still differentiable through the update itself).
-
-    Args:
-        parameters (dict[str, Tensor]): starting weights
-        inner_lrs (dict[str, Tensor]): same keys; each 0-dim (one learning rate for every step)
-            or of shape (num_steps,) (MAML++: one per step)
-        images (Tensor): support images, shape (num_way * num_support, 1, height, width)
-        labels (Tensor): support labels, int64, shape (num_way * num_support,)
-        num_steps (int): number of inner steps, >= 0
-        gradient (callable): (parameters, images, labels, norms) -> (the gradients of
-            loss_and_logits, one tensor per parameter in the dict's order; the logits)
-        norms (list of dict or None): forward's norms at step i are norms[i], and after the
-            last step norms[-1] (step_norm_rows makes them); None: no affine at any step
-
-    Returns:
-        the weights before the first step and after each step, num_steps + 1 dicts
-        support logits before each step and after the last, num_steps + 1 Tensors of shape
-            (num_way * num_support, num_outputs)
-        the last step's gradients, a tuple with one tensor per parameter in the dict's order
-            (empty when num_steps is 0)
-    """
-    norms = norms or step_norm_rows({}, num_steps)
-    trajectory, logits, gradients = [parameters], [], ()
-    for step in range(num_steps):
-        gradients, step_logits = gradient(parameters, images, labels, norms[step])
-        logits.append(step_logits)
-        parameters = {key: value - at_step(inner_lrs[key], step) * step_gradient
-                      for (key, value), step_gradient in zip(parameters.items(), gradients)}
-        trajectory.append(parameters)
-    with torch.no_grad():
-        logits.append(forward(parameters, images, norms[-1]))
-    return trajectory, logits, gradients
-
-
-def query_loss(trajectory, norms, images, labels, loss_weights=None):
-    """The query loss of the adapted weights, and their logits; with loss_weights (MAML++'s
-    multi-step loss), the weighted sum of the query losses after every inner step.
-
-    Args:
-        trajectory (list of dict): adapt's weights before and after each inner step
-        norms (list): the per-step batch-norm rows adapt used (step_norm_rows)
-        images (Tensor): query images, shape (N*Q, 1, height, width)
-        labels (Tensor): query labels, shape (N*Q,)
-        loss_weights (list of float or None): one weight per inner step
-
-    Returns:
-        loss (0-dim Tensor), logits of the last weights (N*Q, num_outputs)
-    """
-    if loss_weights is None:
-        return loss_and_logits(trajectory[-1], images, labels, norms[-1])
-    losses = []
-    for weight, parameters, step_norms in zip(loss_weights, trajectory[1:], norms, strict=True):
-        loss, logits = loss_and_logits(parameters, images, labels, step_norms)
-        losses.append(weight * loss)
-    return sum(losses), logits
-
-
-def task_objective(images_support, labels_support, images_query, labels_query, *, parameters,
-                   inner_lrs, norms, num_steps, gradient, loss_weights):
-    """One task's MAML objective, a pure function of the task's data and the weights, which
-    torch.func.vmap batches over tasks (its positional arguments): adapt to the support set,
-    then query_loss.
-
-    Args:
-        images_support (Tensor): shape (N*K, 1, height, width)
-        labels_support (Tensor): int64, shape (N*K,)
-        images_query (Tensor): shape (N*Q, 1, height, width)
-        labels_query (Tensor): int64, shape (N*Q,)
-        parameters, inner_lrs, num_steps, gradient: as adapt takes them
-        norms (list): step_norm_rows's rows, one per inner step
-        loss_weights (list of float or None): as query_loss takes them
-
-    Returns:
-        query loss (0-dim Tensor)
-        support logits before each step and after the last, shape (num_steps + 1, N*K, N)
-        query logits of the adapted weights, shape (N*Q, N)
-    """
-    trajectory, logits_support, _ = adapt(parameters, inner_lrs, images_support, labels_support,
-                                          num_steps, gradient, norms)
-    loss, logits_query = query_loss(trajectory, norms, images_query, labels_query, loss_weights)
-    return loss, torch.stack(logits_support), logits_query
-
-
-def at_step(learning_rate, step):
-    """An inner learning rate at step: a 0-dim one serves every step, a 1-d one holds one each."""
-    return learning_rate if learning_rate.dim() == 0 else learning_rate[step]
+def cross_entropy(logits, labels):
+    """Cross-entropy of logits (examples, classes) against labels (examples,), a 0-dim Tensor:
+    float32 under autocast, as autocast itself runs it (not reached under vmap)."""
+    return F.cross_entropy(layers.at_least_float32(logits), labels)
 
 
 def multi_step_loss_weights(num_steps, progress):
@@ -267,14 +146,6 @@ def cosine_learning_rate(step, num_steps, initial, final):
     """The learning rate at step of a cosine from initial (step 0) to final (step num_steps), as
     torch.optim.lr_scheduler.CosineAnnealingLR."""
     return final + (initial - final) * (1 + math.cos(math.pi * step / num_steps)) / 2
-
-
-def step_norm_rows(norms, num_steps):
-    """MAML++'s per-step batch-norm parameters {name: (rows, 32)} as the list of
-    max(num_steps, 1) rows {name: (32,)} that adapt and forward take, one per inner step (the
-    last also after it); all None (no affine) when norms is empty."""
-    rows = range(max(num_steps, 1))
-    return [{key: value[row] for key, value in norms.items()} if norms else None for row in rows]
 
 
 class MAML(training.MetaLearner):
@@ -330,6 +201,7 @@ class MAML(training.MetaLearner):
         self._maml_plus_plus = maml_plus_plus
         self._outer_lr = outer_lr
         self._iteration = 0  # the training iteration, for what MAML++ anneals
+        self._norm_rows = None  # _make_norm_rows's, while _outer_step runs
         self._optimizer = torch.optim.Adam(
             [*self._meta_parameters.values(), *self._inner_lrs.values(),
              *self._step_norms.values()], lr=outer_lr)
@@ -339,13 +211,35 @@ class MAML(training.MetaLearner):
                              + (f'/per-step-lrs-{num_inner_steps}' if lr_shape else '')
                              + (f'/per-step-bn-{rows}' if self._step_norms else ''))
 
-    def _forward(self, images, parameters):
-        """The assignment's interface to forward(parameters, images): logits (num_images,
-        classes) of images (num_images, channels, height, width)."""
-        return forward(parameters, images)
+    def _forward(self, images, parameters, step=-1):
+        """Computes logits of images with the given parameters.
 
-    def _inner_loop(self, images, labels, train):
-        """Computes the adapted network parameters via the MAML inner loop.
+        Args:
+            images (Tensor): shape (num_images, 1, height, width)
+            parameters (dict[str, Tensor]): network weights, as _meta_parameters
+            step (int): the inner step the weights serve, -1 after the last (MAML++'s per-step
+                batch norm; plain MAML has one network for all)
+
+        Returns:
+            logits, shape (num_images, num_outputs)
+        """
+        rows = self._norm_rows or self._make_norm_rows()
+        return forward(parameters, images, rows[step] if rows else None)
+
+    def _make_norm_rows(self):
+        """MAML++'s per-step batch-norm parameters {name: (rows, 32)} as a list of rows
+        {name: (32,)}, one per inner step (the last also after it); [] without them."""
+        norms = self._step_norms
+        return [{key: value[row] for key, value in norms.items()}
+                for row in range(max(self._num_inner_steps, 1))] if norms else []
+
+    def _inner_loop(self, images, labels, train, every_step=False):
+        """Computes the adapted network parameters via the MAML inner loop: num_inner_steps
+        steps p <- p - lr[key] * grad of the support loss, from the meta-parameters.
+
+        The gradients are torch.func.grad's, so that torch.func.vmap can map this over a batch
+        of tasks (_outer_step); second order, the outer backward differentiates through them;
+        first order (--first_order), they are constants of it.
 
         Args:
             images (Tensor): task support set inputs
@@ -353,33 +247,116 @@ class MAML(training.MetaLearner):
             labels (Tensor): task support set outputs
                 shape (num_images,)
             train (bool): whether we are training or evaluating
+            every_step (bool): return the parameters after every step (a list of
+                num_inner_steps dicts, for a loss on each) instead of the last
 
         Returns:
             parameters (dict[str, Tensor]): adapted network parameters, same shapes as
                 _meta_parameters; differentiable w.r.t. the meta-parameters (and learned inner
                 lrs) only when train
-            accuracies (list[float]): support set accuracy over the course of
-                the inner loop, length num_inner_steps + 1
-            gradients (tuple[Tensor]): gradients computed from autograd.grad at the last
-                inner step, one per parameter in _meta_parameters order (empty for zero inner
-                steps); they require grad only when train and not first-order
+            accuracies (list[Tensor]): support set accuracy over the course of
+                the inner loop, length num_inner_steps + 1, each a 0-dim float32 tensor on
+                the device (the host reads them only when it needs them)
+            gradients (tuple[Tensor]): the gradients of the last inner step, one per parameter
+                in _meta_parameters order (empty for zero inner steps); they require grad only
+                when train and second order
         """
+        second_order = train and self._second_order()
         with torch.set_grad_enabled(train):
-            trajectory, logits, gradients = adapt(
-                self._meta_parameters, self._inner_lrs, images, labels, self._num_inner_steps,
-                autograd_gradient(train and self._second_order()), self._norm_rows(train))
-        parameters = trajectory[-1]
-        if not train:  # zero inner steps: the meta-parameters themselves
-            parameters = {key: value.detach() for key, value in parameters.items()}
-        return parameters, [util.score(step_logits, labels) for step_logits in logits], gradients
+            parameters = {key: value if train else value.detach()
+                          for key, value in self._meta_parameters.items()}
+            trajectory, accuracies, gradients = [], [], {}
+            for step in range(self._num_inner_steps):
+                gradients, logits = torch.func.grad(self._support_loss, has_aux=True)(
+                    parameters, images, labels, step)
+                if not second_order:
+                    gradients = {key: value.detach() for key, value in gradients.items()}
+                accuracies.append(util.accuracy_per_task(logits, labels))
+                learning_rates = self._step_inner_lrs(step)
+                parameters = {key: value - learning_rates[key] * gradients[key]
+                              for key, value in parameters.items()}
+                trajectory.append(parameters)
+            with torch.no_grad():
+                accuracies.append(util.accuracy_per_task(self._forward(images, parameters),
+                                                         labels))
+        return trajectory if every_step else parameters, accuracies, tuple(gradients.values())
 
-    def _norm_rows(self, train):
-        """The per-step batch-norm rows that adapt and the query loss use (step_norm_rows), detached
-        in evaluation; built once per batch of tasks."""
-        norms = self._step_norms
-        if not train:
-            norms = {key: value.detach() for key, value in norms.items()}
-        return step_norm_rows(norms, self._num_inner_steps)
+    def _support_loss(self, parameters, images, labels, step):
+        """The loss that inner step step descends, and its logits (num_images, num_outputs)."""
+        logits = self._forward(images, parameters, step)
+        return cross_entropy(logits, labels), logits
+
+    def _step_inner_lrs(self, step):
+        """{key: the inner learning rate of step}: a 0-dim one serves every step, a 1-d one
+        (MAML++'s per-step rates) holds one each."""
+        return {key: value if value.dim() == 0 else value[step]
+                for key, value in self._inner_lrs.items()}
+
+    def _outer_step(self, task_batch, train, per_task=False):
+        """Computes the MAML loss and metrics on a batch of tasks: each task adapts to its
+        support set (_inner_loop), then is scored on its query set (_task). In the loop path
+        (--tasks loop) the tasks run one at a time; batched, torch.func.vmap maps the same
+        per-task code over them.
+
+        Args:
+            task_batch (list of tuple): each tuple is (images_support (N*K, 1, 28, 28),
+                labels_support (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,))
+            train (bool): whether we are training or evaluating
+            per_task (bool): return each task's metrics, on the device, as the training loop
+                reads them (MetaLearner._evaluate), instead of the assignment's means
+
+        Returns:
+            outer_loss (Tensor): mean MAML loss over the batch, shape ()
+            accuracies_support (ndarray): support set accuracy over the
+                course of the inner loop, averaged over the task batch
+                shape (num_inner_steps + 1,)
+            accuracy_query (float64): query set accuracy of the adapted
+                parameters, averaged over the task batch
+            With per_task: outer_loss, and {metric key: Tensor}: 'support_per_step' of shape
+            (num_tasks, num_inner_steps + 1), and the METRICS keys of shape (num_tasks,)
+        """
+        tasks = [torch.stack(part).to(self._device) for part in zip(*task_batch)]
+        with torch.set_grad_enabled(train):
+            # once per batch: autograd sums each row's gradient over the batch in one place
+            self._norm_rows = self._make_norm_rows()
+            try:
+                losses, accuracies_support, accuracies_query = training.per_task(
+                    functools.partial(self._task, train=train), self._batched)(*tasks)
+            finally:
+                self._norm_rows = None
+        if not per_task:
+            return (losses.mean(), util.to_host(accuracies_support).mean(axis=0),
+                    util.to_host(accuracies_query).mean())
+        return losses.mean(), {'support_per_step': accuracies_support,
+                               'pre_adapt_support': accuracies_support[:, 0],
+                               'post_adapt_support': accuracies_support[:, -1],
+                               'post_adapt_query': accuracies_query}
+
+    def _task(self, images_support, labels_support, images_query, labels_query, train):
+        """One task of _outer_step: _inner_loop on the support set, then the query loss.
+
+        Returns:
+            query loss (0-dim Tensor), support accuracies (num_inner_steps + 1,), query
+            accuracy (0-dim)
+        """
+        loss_weights = self._multi_step_loss_weights() if train else None
+        parameters, accuracies, _ = self._inner_loop(images_support, labels_support, train,
+                                                     every_step=loss_weights is not None)
+        if loss_weights is None:
+            logits = self._forward(images_query, parameters)
+            loss = cross_entropy(logits, labels_query)
+        else:
+            losses = []
+            for step, (weight, step_parameters) in enumerate(zip(loss_weights, parameters,
+                                                                 strict=True)):
+                logits = self._forward(images_query, step_parameters, step)
+                losses.append(weight * cross_entropy(logits, labels_query))
+            loss = sum(losses)
+        return (loss, torch.stack(accuracies), util.accuracy_per_task(logits, labels_query))
+
+    def _evaluate(self, task_batch, train):
+        """The training loop's interface to _outer_step: its per-task metrics."""
+        return self._outer_step(task_batch, train, per_task=True)
 
     def _second_order(self):
         """Second order unless --first_order, or MAML++'s derivative-order annealing is still
@@ -407,54 +384,6 @@ class MAML(training.MetaLearner):
             for group in self._optimizer.param_groups:
                 group['lr'] = learning_rate
         return super()._train_step(task_batch, step)
-
-    def _evaluate(self, task_batch, train):
-        """The MAML objective on each task of a batch, one task at a time or (--tasks batched)
-        all at once under torch.func.vmap; task_batch and train as _outer_step takes them.
-
-        Returns:
-            mean query loss over the tasks, a 0-dim Tensor (with grad only when train)
-            {metric key: numpy array}: 'support_per_step' of shape (num_tasks, num_inner_steps
-                + 1), and the METRICS keys of shape (num_tasks,)
-        """
-        tasks = [torch.stack(part).to(self._device) for part in zip(*task_batch)]
-        create_graph = train and self._second_order()
-        objective = functools.partial(
-            task_objective, parameters=self._meta_parameters, inner_lrs=self._inner_lrs,
-            norms=self._norm_rows(train), num_steps=self._num_inner_steps,
-            loss_weights=self._multi_step_loss_weights() if train else None)
-        # torch.func.grad where vmap batches the tasks, autograd one task at a time
-        gradient = (func_gradient if self._batched else autograd_gradient)(create_graph)
-        with torch.set_grad_enabled(train):
-            losses, logits_support, logits_query = training.per_task(
-                functools.partial(objective, gradient=gradient), self._batched)(*tasks)
-        _, labels_support, _, labels_query = tasks
-        accuracies_support = util.accuracy_per_task(logits_support, labels_support[:, None])
-        return losses.mean(), {
-            'support_per_step': accuracies_support,
-            'pre_adapt_support': accuracies_support[:, 0],
-            'post_adapt_support': accuracies_support[:, -1],
-            'post_adapt_query': util.accuracy_per_task(logits_query, labels_query)}
-
-    def _outer_step(self, task_batch, train):
-        """The assignment's interface to _evaluate: the MAML loss and metrics of a batch.
-
-        Args:
-            task_batch (list of tuple): each tuple is (images_support (N*K, 1, 28, 28),
-                labels_support (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,))
-            train (bool): whether we are training or evaluating
-
-        Returns:
-            outer_loss (Tensor): mean MAML loss over the batch, shape ()
-            accuracies_support (ndarray): support set accuracy over the
-                course of the inner loop, averaged over the task batch
-                shape (num_inner_steps + 1,)
-            accuracy_query (float64): query set accuracy of the adapted
-                parameters, averaged over the task batch
-        """
-        loss, metrics = self._evaluate(task_batch, train)
-        return (loss, util.to_host(metrics['support_per_step']).mean(axis=0),
-                util.to_host(metrics['post_adapt_query']).mean())
 
     def _log_extra(self, writer, step):
         if self._learn_inner_lrs:

@@ -7,6 +7,7 @@ reference.py and against central finite differences of our own objective; the re
 Omniglot tasks.
 """
 import argparse
+import inspect
 
 import pytest
 import torch
@@ -262,6 +263,30 @@ def train(log_dir, num_iterations, checkpoint_step, save_interval,
     training.main(args, omniglot.OmniglotTasks(args.num_way, args.num_support, args.num_query,
                                                args.seed), build, 'unused')
     return models[0]
+
+
+def test_training_calls_outer_step_once_per_batch_and_inner_loop_once_per_task(tmp_path,
+                                                                                monkeypatch):
+    """The graded methods are the code that trains: in the loop path, every training batch
+    goes through _outer_step once and each of its tasks through _inner_loop once (and the
+    validation and --test tasks likewise, with train=False)."""
+    calls = []
+
+    def spy(name):
+        method = getattr(maml.MAML, name)
+
+        def counted(*args, **kwargs):
+            calls.append((name, inspect.signature(method).bind(*args, **kwargs).arguments['train']))
+            return method(*args, **kwargs)
+        monkeypatch.setattr(maml.MAML, name, counted)
+    spy('_outer_step')
+    spy('_inner_loop')
+    model = train(tmp_path, num_iterations=3, checkpoint_step=-1, save_interval=100)
+    assert not model._batched
+    assert calls.count(('_outer_step', True)) == 3  # batches of 2 tasks
+    assert calls.count(('_inner_loop', True)) == 3 * 2
+    assert calls.count(('_outer_step', False)) == 4  # step 0's validation: 8 tasks
+    assert calls.count(('_inner_loop', False)) == 8
 
 
 def test_resume_continues_training_exactly(tmp_path):
