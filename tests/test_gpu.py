@@ -25,6 +25,7 @@ import torch
 
 import float64_run
 import maml
+import mamlpp
 import maml_transfer
 import metabolism
 import omniglot
@@ -46,8 +47,8 @@ AMPS = ('none', 'bf16')
 # CPU, float32 came within 3e-5 and bfloat16 within 0.14 of float64 for these learners).
 TOLERANCE = {'none': 1e-3, 'bf16': 0.3}
 WAY, SHOT, QUERY, BATCH = 3, 2, 3, 4
-PLUS_PLUS = maml.MAMLPlusPlus(msl_iterations=10, per_step_inner_lrs=True, per_step_bn=True,
-                          cosine_iterations=10)
+MAMLPP = mamlpp.Options(msl_iterations=10, per_step_inner_lrs=True, per_step_bn=True,
+                           cosine_iterations=10)
 
 
 def build(name, device, amp='none', tasks='loop', log_dir='unused'):
@@ -63,7 +64,8 @@ def build(name, device, amp='none', tasks='loop', log_dir='unused'):
         'maml learned lrs': lambda: maml.MAML(WAY, 2, 0.4, True, 0.001, log_dir, device,
                                               settings=settings),
         'maml first order': lambda: maml_learner(first_order=True),
-        'maml++': lambda: maml_learner(maml_plus_plus=PLUS_PLUS),
+        'maml++': lambda: mamlpp.MAMLpp(WAY, 2, 0.4, False, 0.001, log_dir, device,
+                                        options=MAMLPP, settings=settings),
         'transfer': lambda: maml_transfer.TransferLearner(
             0.001, 5, 2.0, log_dir, device, training.RunSettings(amp=amp)),
         'metabolism': lambda: protonet.ProtoNet(0.001, log_dir, device, amp=amp, tasks=tasks,

@@ -30,6 +30,7 @@ import pytest
 import torch
 
 import maml
+import mamlpp
 import reference
 import training
 
@@ -43,15 +44,15 @@ CONFIGS = {
     'learned inner lrs': (1, {'learn_inner_lrs': True}, 0),
     'first order': (1, {'first_order': True, 'learn_inner_lrs': True}, 0),
     '5 inner steps': (5, {'learn_inner_lrs': True}, 0),
-    'multi-step loss': (2, {'maml_plus_plus': maml.MAMLPlusPlus(msl_iterations=10)}, 3),
+    'multi-step loss': (2, {'options': mamlpp.Options(msl_iterations=10)}, 3),
     'derivative-order annealing, first order': (
-        2, {'maml_plus_plus': maml.MAMLPlusPlus(first_order_iterations=5)}, 2),
+        2, {'options': mamlpp.Options(first_order_iterations=5)}, 2),
     'derivative-order annealing, second order': (
-        2, {'maml_plus_plus': maml.MAMLPlusPlus(first_order_iterations=5)}, 5),
-    'per-step inner lrs': (2, {'maml_plus_plus': maml.MAMLPlusPlus(per_step_inner_lrs=True)}, 0),
-    'per-step batch norm': (2, {'maml_plus_plus': maml.MAMLPlusPlus(per_step_bn=True)}, 0),
-    'cosine outer lr': (2, {'maml_plus_plus': maml.MAMLPlusPlus(cosine_iterations=10)}, 4),
-    'all of MAML++': (3, {'maml_plus_plus': maml.MAMLPlusPlus(
+        2, {'options': mamlpp.Options(first_order_iterations=5)}, 5),
+    'per-step inner lrs': (2, {'options': mamlpp.Options(per_step_inner_lrs=True)}, 0),
+    'per-step batch norm': (2, {'options': mamlpp.Options(per_step_bn=True)}, 0),
+    'cosine outer lr': (2, {'options': mamlpp.Options(cosine_iterations=10)}, 4),
+    'all of MAML++': (3, {'options': mamlpp.Options(
         msl_iterations=10, first_order_iterations=2, per_step_inner_lrs=True, per_step_bn=True,
         cosine_iterations=10)}, 4),
 }
@@ -76,7 +77,8 @@ def build(config, tasks, log_dir):
     the per-step batch-norm rows away from 1 and 0 (a mix-up of keys, steps or rows shows)."""
     num_inner_steps, options, _ = CONFIGS[config]
     torch.manual_seed(0)
-    model = maml.MAML(NUM_WAY, num_inner_steps, 0.4, outer_lr=0.01, log_dir=log_dir,
+    learner = mamlpp.MAMLpp if 'options' in options else maml.MAML
+    model = learner(NUM_WAY, num_inner_steps, 0.4, outer_lr=0.01, log_dir=log_dir,
                       device='cpu', settings=training.RunSettings(tasks=tasks),
                       **{'learn_inner_lrs': False, **options})
     reference.maml_in_float64(model)
@@ -84,7 +86,7 @@ def build(config, tasks, log_dir):
     with torch.no_grad():
         for value in model._inner_lrs.values():
             value.add_(0.01 * torch.randn(value.shape, generator=generator, dtype=torch.float64))
-        for value in model._step_norms.values():
+        for value in model._step_norms.values() if isinstance(model, mamlpp.MAMLpp) else ():
             value.add_(0.3 * torch.randn(value.shape, generator=generator, dtype=torch.float64))
     return model
 
