@@ -8,7 +8,7 @@ top of maml.py's MAML, kept apart from it as learn2learn keeps its MAMLpp.
     per-step batch norm         learned batch-norm weights and biases per inner step
     cosine outer lr             cosine annealing of the outer learning rate
 
-`python maml.py --mamlpp` (all five) or any of their flags trains an MAMLpp; with all of them
+`python maml.py --mamlpp` (all five) or any of their flags trains a MAMLpp; with all of them
 off, maml.py trains its MAML.
 """
 import dataclasses
