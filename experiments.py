@@ -18,7 +18,9 @@ printed output is kept in its log dir as console.log.
 """
 import argparse
 import dataclasses
+import functools
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -29,9 +31,10 @@ import training
 import util
 
 ROOT = Path(__file__).resolve().parent
-K_SWEEP = (1, 2, 4, 6, 8, 10)  # support examples per class at test time, Q = 10 (part 3)
+K_SWEEP = (1, 2, 4, 6, 8, 10)  # support examples per class at test time (part 3)
 ONE_SHOT_TEST = ((1, 15),)  # (support, query) of the 5-way 1-shot test tasks (parts 1 and 2)
-SWEEP_TESTS = ONE_SHOT_TEST + tuple((shot, 10) for shot in K_SWEEP)
+SWEEP_QUERY = 10  # queries per class of the K sweep's test tasks
+SWEEP_TESTS = ONE_SHOT_TEST + tuple((shot, SWEEP_QUERY) for shot in K_SWEEP)
 # The second handout's stability comparison (extra credit), in its own setting: its first-order
 # MAML (Problem 1: 5-way 5-shot, 5 inner steps at inner lr 0.4, 15 queries, 1000 iterations)
 # against MAML++ with the same flags and seeds (the inner lr is maml.py's default, 0.4). Seed 0
@@ -40,10 +43,23 @@ STABILITY_SETTING = ('--num_support', '5', '--num_inner_steps', '5')
 STABILITY_METHODS = {'fomaml': ('--first_order',), 'mamlpp': ('--mamlpp',)}
 STABILITY_SEEDS = (0, 1, 2)
 STABILITY_ITERATIONS = 1001  # the handout's 1000 iterations, and a checkpoint at step 1000
+# run_bio.sh's run_metabolism.py flags, but the placement ones (--datadir, --device) and
+# --num_train_iterations (run_metabolism.py's default, 8000); tests/test_one_spelling.py holds
+# run_bio.sh to them
+METABOLISM_FLAGS = ('--num_way', '2', '--num_support', '5', '--num_query', '10',
+                    '--batch_size', '4', '--learning_rate', '0.0005')
 TINY = {'iterations': 1, 'batch_size': 1, 'test_tasks': 4}  # --scale tiny: one of everything
-# Flags that say where and how fast a run goes, not what it computes.
-PLACEMENT_FLAGS = ('log_dir', 'checkpoint_step', 'resume', 'test', 'device', 'amp', 'num_workers',
-                   'cache', 'compile', 'backend', 'num_test_tasks', 'datadir', 'tasks')
+
+
+def script_module(script):
+    """The module of a script, for its parse_args."""
+    import importlib
+    return importlib.import_module(script.removesuffix('.py'))
+
+
+def parsed(script, flags=()):
+    """The script's flags as it parses them, its defaults included (argparse.Namespace)."""
+    return script_module(script).parse_args(list(flags))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +69,17 @@ class Run:
     flags: tuple  # the handout's flags, as a student types them
     iterations: int  # the full length
     tests: tuple = ()  # (num_support, num_query) of each --test at the last checkpoint
+    checkpoint_interval: int = None  # the script's steps between checkpoints; None: the loop's
+
+    @classmethod
+    def of(cls, name, script, flags, tests=(), iterations=None, checkpoint_interval=None):
+        """A run whose full length is iterations, or else the script's default."""
+        return cls(name, script, flags, iterations or parsed(script, flags).num_train_iterations,
+                   tests, checkpoint_interval)
 
     @property
     def save_interval(self):
-        """The script's steps between checkpoints: its own SAVE_INTERVAL (run_metabolism.py's,
-        as run_bio.sh's run saves), else the shared loop's."""
-        return getattr(script_module(self.script), 'SAVE_INTERVAL', training.SAVE_INTERVAL)
+        return self.checkpoint_interval or training.SAVE_INTERVAL
 
     def last_checkpoint(self, iterations):
         """The step of the last checkpoint a run of that many iterations saves."""
@@ -72,56 +93,87 @@ class Run:
         latest = latest_checkpoint(log_dir)
         return iterations if latest >= self.last_checkpoint(iterations) else latest + 1
 
+    def test_flags(self, iterations, shot, query):
+        """The --test flags of (shot, query) at the last checkpoint of a run of iterations."""
+        return ['--test', '--checkpoint_step', str(self.last_checkpoint(iterations)),
+                '--num_support', str(shot), '--num_query', str(query)]
+
+    def test_result(self, log_dir, iterations, shot, query):
+        """Where that --test writes its result JSON (training.test_result_path)."""
+        args = parsed(self.script, [*self.flags, *self.test_flags(iterations, shot, query)])
+        return Path(training.test_result_path(args, log_dir))
+
 
 def latest_checkpoint(log_dir):
     """The step of the newest state{step}.pt in log_dir, or -1."""
     return max(training.checkpoint_steps(log_dir), default=-1)
 
 
+def protonet_run(shots, tests):
+    """The first handout's part 1: a ProtoNet trained 5-way shots-shot."""
+    return Run.of(f'protonet_{shots}shot', 'protonet.py', ('--num_support', str(shots)), tests)
+
+
+def maml_run(flags, tests=ONE_SHOT_TEST):
+    """The first handout's part 2, named after its inner loop as maml.py parses the flags (its
+    defaults included): maml_learned_inner_lrs, or maml_inner_lr_{lr}[_{L}_steps]."""
+    args = parsed('maml.py', flags)
+    steps = f'_{args.num_inner_steps}_steps' if args.num_inner_steps > 1 else ''
+    name = 'maml_learned_inner_lrs' if args.learn_inner_lrs else f'maml_inner_lr_{args.inner_lr}'
+    return Run.of(name + steps, 'maml.py', flags, tests)
+
+
 def stability_name(method, seed):
     """The log dir name of one run of the stability comparison: seed 0 is the method's own
-    5-shot run ({method}_5shot), the others {method}_5shot_seed_{seed}."""
-    return f'{method}_5shot' + (f'_seed_{seed}' if seed else '')
+    {method}_{K}shot run, the others {method}_{K}shot_seed_{seed}."""
+    shots = parsed('maml.py', STABILITY_SETTING).num_support
+    return f'{method}_{shots}shot' + (f'_seed_{seed}' if seed else '')
 
 
 def stability_run(method, seed):
     """A run of the comparison; seed 0's is also tested, as the second handout asks."""
-    return Run(stability_name(method, seed), 'maml.py',
-               STABILITY_METHODS[method] + STABILITY_SETTING + (('--seed', str(seed)) if seed else ()),
-               STABILITY_ITERATIONS, () if seed else ((5, 15),))
+    flags = STABILITY_METHODS[method] + STABILITY_SETTING + (('--seed', str(seed)) if seed else ())
+    args = parsed('maml.py', flags)
+    return Run.of(stability_name(method, seed), 'maml.py', flags,
+                  () if seed else ((args.num_support, args.num_query),), STABILITY_ITERATIONS)
 
 
-def run_bio_command():
-    """(flags, iterations) of the assignment's metabolism command, read from run_bio.sh, their one
-    spelling: its run_metabolism.py flags but the placement ones (--datadir, --device), and its
-    --num_train_iterations."""
-    script = (ROOT / 'run_bio.sh').read_text().replace('\\\n', ' ')
-    line = next(line for line in script.splitlines() if line.startswith('exec '))
-    tokens = shlex.split(line)
-    tokens = tokens[next(i for i, token in enumerate(tokens)
-                         if token.endswith('run_metabolism.py')) + 1:]
-    flags = dict(zip(tokens[::2], tokens[1::2]))
-    iterations = int(flags.pop('--num_train_iterations'))
-    kept = [(flag, value) for flag, value in flags.items()
-            if flag.removeprefix('--') not in PLACEMENT_FLAGS]
-    return tuple(token for pair in kept for token in pair), iterations
+def shaped_run(name, script, flags=(), checkpoint_interval=None):
+    """A run tested once, on tasks of its own training shape (the script's defaults where its
+    flags leave them)."""
+    args = parsed(script, flags)
+    return Run.of(name, script, flags, ((args.num_support, args.num_query),),
+                  checkpoint_interval=checkpoint_interval)
 
 
+def metabolism_run():
+    """The first handout's part 4, run_bio.sh's command (run_metabolism.py saves every
+    run_metabolism.SAVE_INTERVAL steps)."""
+    return shaped_run('metabolism', 'run_metabolism.py', METABOLISM_FLAGS,
+                      script_module('run_metabolism.py').SAVE_INTERVAL)
+
+
+def transfer_run():
+    """The second handout's transfer baseline, at maml_transfer.py's defaults (5-way 5-shot)."""
+    return shaped_run(f'transfer_{parsed("maml_transfer.py").num_support}shot',
+                      'maml_transfer.py')
+
+
+# Every run, by the names report.py uses: each name is spelled once, here or in its function.
+PROTONET_5SHOT = protonet_run(5, ONE_SHOT_TEST)
+PROTONET_1SHOT = protonet_run(1, SWEEP_TESTS)
+MAML_DEFAULT_LR = maml_run(())
+MAML_SMALL_LR = maml_run(('--inner_lr', '0.04'))
+MAML_SMALL_LR_5_STEPS = maml_run(('--inner_lr', '0.04', '--num_inner_steps', '5'))
+MAML_LEARNED_LRS = maml_run(('--learn_inner_lrs',), SWEEP_TESTS)
+METABOLISM = metabolism_run()
+FOMAML, MAMLPP = (stability_run(method, 0) for method in STABILITY_METHODS)
+TRANSFER = transfer_run()
 RUNS = (
-    # First handout, part 1: ProtoNet
-    Run('protonet_5shot', 'protonet.py', ('--num_support', '5'), 5000, ONE_SHOT_TEST),
-    Run('protonet_1shot', 'protonet.py', ('--num_support', '1'), 5000, SWEEP_TESTS),
-    # Part 2: MAML
-    Run('maml_inner_lr_0.4', 'maml.py', (), 15000, ONE_SHOT_TEST),
-    Run('maml_inner_lr_0.04', 'maml.py', ('--inner_lr', '0.04'), 15000, ONE_SHOT_TEST),
-    Run('maml_inner_lr_0.04_5_steps', 'maml.py', ('--inner_lr', '0.04', '--num_inner_steps', '5'),
-        15000, ONE_SHOT_TEST),
-    Run('maml_learned_inner_lrs', 'maml.py', ('--learn_inner_lrs',), 15000, SWEEP_TESTS),
-    # Part 4: ProtoNet on TDC Metabolism, run_bio.sh's command
-    Run('metabolism', 'run_metabolism.py', *run_bio_command(), ((5, 10),)),
-    # Second handout: first-order MAML (1000 iterations), MAML++, the transfer baseline
-    *(stability_run(method, 0) for method in STABILITY_METHODS),
-    Run('transfer_5shot', 'maml_transfer.py', (), 5000, ((5, 15),)),
+    PROTONET_5SHOT, PROTONET_1SHOT,  # first handout, part 1: ProtoNet
+    MAML_DEFAULT_LR, MAML_SMALL_LR, MAML_SMALL_LR_5_STEPS, MAML_LEARNED_LRS,  # part 2: MAML
+    METABOLISM,  # part 4: ProtoNet on TDC Metabolism
+    FOMAML, MAMLPP, TRANSFER,  # second handout
     *(stability_run(method, seed) for method in STABILITY_METHODS for seed in STABILITY_SEEDS[1:]),
 )
 BY_NAME = {run.name: run for run in RUNS}
@@ -161,12 +213,11 @@ class Plan:
     iterations: int
     flags: list  # the training flags, the run's own then the scale's
     test_tasks: int
+    placement: list = dataclasses.field(default_factory=list)  # where the data is: --datadir
 
     @classmethod
     def of(cls, run, scale, log_root, datadir=None):
         flags = list(run.flags)
-        if datadir and run.script == 'run_metabolism.py':
-            flags += ['--datadir', datadir]
         test_tasks = training.NUM_TEST_TASKS
         if scale == 'tiny':
             iterations, test_tasks = TINY['iterations'], TINY['test_tasks']
@@ -176,25 +227,20 @@ class Plan:
         else:
             iterations = max(1, round(run.iterations * scale))
         flags += ['--num_train_iterations', str(iterations)]
-        return cls(run, Path(log_root) / run.name, iterations, flags, test_tasks)
+        placement = ['--datadir', datadir] if datadir and run is METABOLISM else []
+        return cls(run, Path(log_root) / run.name, iterations, flags, test_tasks, placement)
 
     @property
     def last_checkpoint(self):
         return self.run.last_checkpoint(self.iterations)
 
-    def args(self, extra=()):
-        """The script's parsed flags for these flags plus extra."""
-        return script_module(self.run.script).parse_args(
-            [*self.flags, '--log_dir', str(self.log_dir), *extra])
-
     def test_flags(self, shot, query):
-        return ['--test', '--checkpoint_step', str(self.last_checkpoint), '--num_support',
-                str(shot), '--num_query', str(query), '--num_test_tasks', str(self.test_tasks)]
+        return [*self.run.test_flags(self.iterations, shot, query),
+                '--num_test_tasks', str(self.test_tasks)]
 
     def test_result(self, shot, query):
         """Where the --test result JSON of (shot, query) goes."""
-        return Path(training.test_result_path(self.args(self.test_flags(shot, query)),
-                                              self.log_dir))
+        return self.run.test_result(self.log_dir, self.iterations, shot, query)
 
     def trained(self):
         return self.run.reached(self.log_dir, self.iterations) == self.iterations
@@ -203,17 +249,18 @@ class Plan:
         return [test for test in self.run.tests if not self.test_result(*test).is_file()]
 
     def check_made_alike(self):
-        """A log dir made with other flags (another scale) is never trained on or overwritten."""
+        """A log dir made with other training flags (another scale) is never trained on or
+        overwritten: its flags.json's command line, up to --log_dir (Job.command), is this
+        plan's flags."""
         record = self.log_dir / training.FLAGS_FILE
         if not record.is_file():
             return
-        made = json.loads(record.read_text())['flags']
-        wanted = vars(self.args())
-        differ = [f'--{key} {made.get(key)} (this scale: {value})' for key, value in wanted.items()
-                  if key not in PLACEMENT_FLAGS and made.get(key) != value]
-        if differ:
-            raise util.UserError(f'{self.log_dir} holds a run made with {", ".join(differ)}; '
-                                 'pass another --log_root (or --scale), or move that log dir away')
+        argv = json.loads(record.read_text())['argv']
+        made = argv[:argv.index('--log_dir')] if '--log_dir' in argv else argv
+        if made != self.flags:
+            raise util.UserError(f'{self.log_dir} holds a run made with {shlex.join(made)} '
+                                 f'(this scale: {shlex.join(self.flags)}); pass another '
+                                 '--log_root (or --scale), or move that log dir away')
 
     def state(self):
         if self.trained():
@@ -225,26 +272,22 @@ class Plan:
         return 'to do'
 
 
-def script_module(script):
-    """The module of a script, for its parse_args (imported when needed: run_metabolism's
-    imports are heavier)."""
-    import importlib
-    return importlib.import_module(script.removesuffix('.py'))
-
-
 class Job:
-    """One subprocess: a training (or resumed training) run, or one --test."""
+    """One subprocess: a training (or resumed training) run, or one --test; done() -> how
+    much of total its files say is done (the run's checkpoints, the test's result JSON)."""
+    POLL_SECONDS = 1.0  # how often the progress bar reads the files
 
-    def __init__(self, plan, extra, label, total):
-        self.plan, self.extra, self.label, self.total = plan, extra, label, total
+    def __init__(self, plan, extra, label, total, done):
+        self.plan, self.extra, self.label, self.total, self.done = plan, extra, label, total, done
 
     def command(self, passthrough):
         return [sys.executable, str(ROOT / self.plan.run.script), *self.plan.flags,
-                '--log_dir', str(self.plan.log_dir), *self.extra, *passthrough]
+                '--log_dir', str(self.plan.log_dir), *self.plan.placement, *self.extra,
+                *passthrough]
 
     def execute(self, passthrough, description):
-        """Runs the command, its output appended to the run's console.log a line at a time (so
-        that `tail -f` follows it); a tqdm bar follows the printed iterations. A stop signal
+        """Runs the command, its output appended to the run's console.log (unbuffered, so that
+        `tail -f` follows it); a tqdm bar follows what its files say is done. A stop signal
         goes on to the command (in a process group of its own, so that a terminal's Ctrl-C
         reaches it once), which saves and stops; then this stops too (util.Stopped)."""
         from tqdm import tqdm
@@ -257,26 +300,37 @@ class Job:
             process.send_signal(signum)
             signals.append(signum)
         with open(console, 'a', buffering=1) as log, \
-                tqdm(total=self.total, desc=description, unit='it', leave=True) as bar, \
-                subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, process_group=0,
-                                 stderr=subprocess.STDOUT, text=True) as process, \
-                util.on_stop_signals(pass_on):
+                tqdm(total=self.total, desc=description, unit='it', leave=True) as bar:
             log.write(f'$ {shlex.join(command[1:])}\n')
-            last = ''
-            for line in process.stdout:
-                log.write(line)
-                last = line.strip() or last
-                if line.startswith('Iteration '):
-                    bar.update(int(line.split()[1].rstrip(':')) + 1 - bar.n)
-                elif line.startswith('Accuracy over'):
-                    bar.update(self.total - bar.n)
+            with subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  process_group=0, env=dict(os.environ, PYTHONUNBUFFERED='1')
+                                  ) as process, util.on_stop_signals(pass_on):
+                while not finished(process, self.POLL_SECONDS):
+                    bar.update(self.done() - bar.n)
+            bar.update(self.done() - bar.n)
         if signals:
             raise util.Stopped(f'Stopped by {signal.Signals(signals[0]).name} in '
                                f'{self.plan.run.name}, its work saved; run the same command '
                                'again to continue', signals[0])
         if process.returncode:
-            raise util.UserError(f'{self.plan.run.name} failed ({last}); its output is in '
-                                 f'{console}. Fix the cause and run again: finished work is kept')
+            raise util.UserError(f'{self.plan.run.name} failed ({last_line(console)}); its '
+                                 f'output is in {console}. Fix the cause and run again: '
+                                 'finished work is kept')
+
+
+def finished(process, seconds):
+    """Whether process ended within seconds."""
+    try:
+        process.wait(timeout=seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def last_line(path):
+    """The last non-empty line of a text file (what a failed command said last)."""
+    lines = [line.strip() for line in Path(path).read_text(errors='replace').splitlines()]
+    return next((line for line in reversed(lines) if line), '')
 
 
 def jobs(plan):
@@ -285,11 +339,13 @@ def jobs(plan):
     work = []
     if not plan.trained():
         start = latest_checkpoint(plan.log_dir)
-        work.append(Job(plan, ['--resume'],
-                        'train' if start < 0 else f'resume at {start + 1}', plan.iterations))
-    for shot, query in plan.run.tests:
-        if not plan.test_result(shot, query).is_file():
-            work.append(Job(plan, plan.test_flags(shot, query), f'test K={shot} Q={query}', 1))
+        work.append(Job(plan, ['--resume'], 'train' if start < 0 else f'resume at {start + 1}',
+                        plan.iterations,
+                        functools.partial(plan.run.reached, plan.log_dir, plan.iterations)))
+    for shot, query in plan.tests_to_do():
+        result = plan.test_result(shot, query)
+        work.append(Job(plan, plan.test_flags(shot, query), f'test K={shot} Q={query}', 1,
+                        lambda result=result: int(result.is_file())))
     return work
 
 

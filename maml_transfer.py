@@ -22,21 +22,18 @@ import util
 NUM_CLASSES = omniglot.NUM_TRAIN_CLASSES
 
 
-def transfer_learn(parameters, task_batch, num_steps, learning_rate, batched=False):
-    """Fits a new linear classifier on the frozen convolutional layers to each task's support
-    set with num_steps steps of gradient descent from zero, and scores its query set; all the
-    batch's tasks at once.
-
-    A step's gradient of the mean cross-entropy is written out (softmax minus one-hot, over
-    the number of examples), so that one step is two batched matrix products for every task
-    together, where a task at a time with autograd launches several small kernels per step
-    and task (reference.transfer_learn; benchmarks/README.md measures both).
+def transfer_learn(parameters, task_batch, num_way, num_steps, learning_rate, batched=False):
+    """The transfer baseline on each task of a batch: a new num_way-way linear layer on the
+    pre-trained network's frozen convolutional features, adapted to the task's support set by
+    num_steps steps of gradient descent from zero, then validated on its query set.
 
     Args:
         parameters (dict[str, Tensor]): pre-trained weights, keys as maml.init_parameters;
             only the convolutional ones are used, and they receive no gradient
         task_batch (list of tuple): each (images_support (N*K, 1, 28, 28), labels_support
             (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,)), labels 0..N-1
+        num_way (int): N, the classes of a task (given, not read from the labels: reading
+            them would make the host wait for the device)
         num_steps (int): gradient steps on the support loss
         learning_rate (float): their step size
         batched (bool): embed the tasks all at once (torch.func.vmap) or one at a time, each
@@ -46,31 +43,62 @@ def transfer_learn(parameters, task_batch, num_steps, learning_rate, batched=Fal
         query losses, support accuracies and query accuracies after adaptation, each a tensor
         of shape (num_tasks,)
     """
+    ### START CODE HERE ###
     images_support, labels_support, images_query, labels_query = (
         torch.stack(part) for part in zip(*task_batch))
-    parameters = {key: value.detach() for key, value in parameters.items()}
-    embed = training.per_task(functools.partial(maml.embed, parameters), batched)
+    features = frozen_features(parameters, batched)
     with torch.no_grad():
-        inputs_support = with_ones(layers.at_least_float32(embed(images_support)))
-        inputs_query = with_ones(layers.at_least_float32(embed(images_query)))
-        num_way = int(labels_support.max()) + 1
-        targets = layers.one_hot(labels_support, num_way, inputs_support.dtype)
-        # [weight | bias] of each task's classifier, shape (num_tasks, num_way, features + 1)
-        head = inputs_support.new_zeros(len(task_batch), num_way, inputs_support.shape[-1])
-        step_size = learning_rate / targets.shape[1]  # the loss is a mean over the examples
-        for _ in range(num_steps):
-            probabilities = (inputs_support @ head.mT).softmax(-1)
-            head = head - step_size * (probabilities - targets).mT @ inputs_support
-        logits_query = inputs_query @ head.mT
+        features_support, features_query = features(images_support), features(images_query)
+        # the new layer of each task, [weight | bias]: (num_tasks, num_way, features + 1)
+        layer = features_support.new_zeros(len(task_batch), num_way, features_support.shape[-1])
+        targets = layers.one_hot(labels_support, num_way, features_support.dtype)
+        for _ in range(num_steps):  # adapt it to the support set
+            layer = gradient_step(layer, features_support, targets, learning_rate)
+        logits_query = features_query @ layer.mT  # validate it on the query set
         losses = F.cross_entropy(logits_query.flatten(0, 1), labels_query.flatten(),
                                  reduction='none').view(labels_query.shape).mean(1)
-        return (losses, util.accuracy_per_task(inputs_support @ head.mT, labels_support),
+        return (losses, util.accuracy_per_task(features_support @ layer.mT, labels_support),
                 util.accuracy_per_task(logits_query, labels_query))
+    ### END CODE HERE ###
 
 
-def with_ones(features):
-    """features (num_tasks, examples, features) with a last column of ones (for the bias)."""
-    return torch.cat([features, torch.ones_like(features[..., :1])], -1)
+def frozen_features(parameters, batched):
+    """The pre-trained network without its classifier, its weights detached (frozen).
+
+    Returns:
+        a function of a batch of tasks' images (num_tasks, examples, 1, 28, 28) -> features
+        (num_tasks, examples, 33): maml.embed's 32 and a last column of ones, the input of
+        the new layer's bias
+    """
+    parameters = {key: value.detach() for key, value in parameters.items()}
+    embed = training.per_task(functools.partial(maml.embed, parameters), batched)
+
+    def features(images):
+        latents = layers.at_least_float32(embed(images))
+        return torch.cat([latents, torch.ones_like(latents[..., :1])], -1)
+    return features
+
+
+def gradient_step(layer, features, targets, learning_rate):
+    """One step of gradient descent on each task's mean cross-entropy of a linear layer.
+
+    The gradient is written out, (softmax - one-hot)^T features / examples, so that a step is
+    two batched matrix products for every task together, where autograd a task at a time
+    launches several small kernels per step and task (reference.transfer_learn, the same
+    numbers; benchmarks/README.md measures both).
+
+    Args:
+        layer (Tensor): [weight | bias] of each task, shape (num_tasks, num_way, features + 1)
+        features (Tensor): inputs with a column of ones, shape (num_tasks, examples,
+            features + 1)
+        targets (Tensor): one-hot labels, shape (num_tasks, examples, num_way)
+        learning_rate (float): the step size
+
+    Returns:
+        the layer after the step, shape as layer
+    """
+    probabilities = (features @ layer.mT).softmax(-1)
+    return layer - learning_rate / targets.shape[1] * (probabilities - targets).mT @ features
 
 
 class TransferLearner(training.MetaLearner):
@@ -84,12 +112,13 @@ class TransferLearner(training.MetaLearner):
                     f'/{NUM_CLASSES}-way')
 
     def __init__(self, learning_rate, adapt_steps, adapt_lr, log_dir, device,
-                 settings=training.RunSettings()):
+                 settings=training.RunSettings(), *, num_way):
         """
         Args:
             learning_rate (float): Adam's learning rate for pre-training
             adapt_steps (int): gradient steps fitting a task's new linear layer
             adapt_lr (float): their step size
+            num_way (int): classes of a validation or test task, the new layer's outputs
             log_dir, device, settings: as training.MetaLearner takes them (settings.tasks
                 decides how transfer_learn embeds an evaluation batch's tasks)
         """
@@ -98,6 +127,7 @@ class TransferLearner(training.MetaLearner):
                             for key, value in maml.init_parameters(NUM_CLASSES).items()}
         self._adapt_steps = adapt_steps
         self._adapt_lr = adapt_lr
+        self._num_way = num_way
         self._optimizer = torch.optim.Adam(self._parameters.values(), lr=learning_rate)
 
     def _share(self, task_batch):
@@ -119,8 +149,8 @@ class TransferLearner(training.MetaLearner):
             return (F.cross_entropy(logits, labels),
                     {'accuracy': util.accuracy_per_task(logits[None], labels[None])})
         task_batch = [[part.to(self._device) for part in task] for task in task_batch]
-        losses, support, query = transfer_learn(self._parameters, task_batch, self._adapt_steps,
-                                                self._adapt_lr, self._batched)
+        losses, support, query = transfer_learn(self._parameters, task_batch, self._num_way,
+                                                self._adapt_steps, self._adapt_lr, self._batched)
         return losses.mean(), {'post_adapt_support': support, 'post_adapt_query': query}
 
     def _checkpoint_state(self):
@@ -174,7 +204,8 @@ def main(args):
                                          args.seed),
                   lambda log_dir, device: TransferLearner(args.learning_rate, args.adapt_steps,
                                                           args.adapt_lr, log_dir, device,
-                                                          training.RunSettings(amp=args.amp)),
+                                                          training.RunSettings(amp=args.amp),
+                                                          num_way=args.num_way),
                   default_log_dir(args))
 
 

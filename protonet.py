@@ -65,10 +65,12 @@ def prototype_logits(latents_support, labels_support, latents_query, num_way):
     Elementwise products and sums only, no matrix product: float32 latents stay float32 under
     bfloat16 autocast, whose 8-bit mantissa would round squared distances of ~100 by ~0.5.
     """
+    ### START CODE HERE ###
     one_hot = layers.one_hot(labels_support, num_way, latents_support.dtype)
     sums = (one_hot.unsqueeze(-1) * latents_support.unsqueeze(2)).sum(1)
     prototypes = sums / one_hot.sum(1).unsqueeze(-1)
     return -(latents_query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
+    ### END CODE HERE ###
 
 
 class ProtoNet(training.MetaLearner):
@@ -90,7 +92,8 @@ class ProtoNet(training.MetaLearner):
             learner (nn.Module): replaces the conv network; maps one task's inputs
                 (examples, ...) to latents (examples, latents)
             val_interval, save_interval (int): steps between validations / checkpoints
-            bio (bool): molecule data: validation also reports its 95% interval
+            bio (bool): the assignment's name (run_metabolism.py passes it) for: validation
+                also reports the 95% interval of its query accuracy (RunSettings.val_ci95)
             amp (str): 'bf16' for bfloat16 autocast (--amp), 'none' for float32
             tasks (str): 'loop', 'batched' or 'auto' (--tasks; training.batched_tasks)
             num_way (int): classes per task; None: counted in each batch's labels, which makes
@@ -106,36 +109,49 @@ class ProtoNet(training.MetaLearner):
             self._forward = torch.compile(self._forward, backend=backend or 'inductor')
         self._optimizer = torch.optim.Adam(self._network.parameters(), lr=learning_rate)
 
-    def _evaluate(self, task_batch, train):
-        images_support, labels_support, images_query, labels_query = (
-            torch.stack(part).to(self._device) for part in zip(*task_batch))
-        num_way = self._num_way or len(labels_support[0].unique())
-        with torch.set_grad_enabled(train):
-            latents_support = layers.at_least_float32(self._forward(images_support))
-            latents_query = layers.at_least_float32(self._forward(images_query))
-            logits_support = prototype_logits(latents_support, labels_support, latents_support,
-                                              num_way)
-            logits_query = prototype_logits(latents_support, labels_support, latents_query,
-                                            num_way)
-            loss = F.cross_entropy(logits_query.flatten(0, 1), labels_query.flatten())
-        return loss, {'support': util.accuracy_per_task(logits_support, labels_support),
-                      'query': util.accuracy_per_task(logits_query, labels_query)}
+    def _step(self, task_batch, per_task=False):
+        """Computes ProtoNet mean loss (and accuracy) on a batch of tasks.
 
-    def _step(self, task_batch):
-        """The assignment's interface to _evaluate: ProtoNet mean loss and accuracies of a batch.
+        Per task: the support and the query images are embedded in separate passes (each its
+        own batch statistics); the prototypes are the per-class means of the support latents;
+        the logits of a latent are minus its squared Euclidean distances to them; the loss is
+        the cross-entropy of the query logits, and the support is scored against the same
+        prototypes. The tasks run one at a time or all at once (--tasks, training.per_task).
 
         Args:
             task_batch (list of tuple): each tuple is (images_support (N*K, 1, 28, 28),
                 labels_support (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,))
+            per_task (bool): return each task's accuracies as tensors of shape (num_tasks,)
+                on the device, {'support': ..., 'query': ...}, as the training loop reads them
+                (_evaluate: the host does not wait for the device), instead of their means
 
         Returns:
             a Tensor containing mean ProtoNet loss over the batch; shape ()
             mean support accuracy over the batch (numpy float64)
             mean query accuracy over the batch (numpy float64)
         """
-        loss, metrics = self._evaluate(task_batch, train=torch.is_grad_enabled())
-        support, query = (util.to_host(metrics[key]).mean() for key in ('support', 'query'))
-        return loss, support, query
+        images_support, labels_support, images_query, labels_query = (
+            torch.stack(part).to(self._device) for part in zip(*task_batch))
+        num_way = self._num_way or len(labels_support[0].unique())
+        ### START CODE HERE ###
+        latents_support = layers.at_least_float32(self._forward(images_support))
+        latents_query = layers.at_least_float32(self._forward(images_query))
+        logits_support = prototype_logits(latents_support, labels_support, latents_support,
+                                          num_way)
+        logits_query = prototype_logits(latents_support, labels_support, latents_query, num_way)
+        loss = F.cross_entropy(logits_query.flatten(0, 1), labels_query.flatten())
+        ### END CODE HERE ###
+        accuracies = {'support': util.accuracy_per_task(logits_support, labels_support),
+                      'query': util.accuracy_per_task(logits_query, labels_query)}
+        if per_task:
+            return loss, accuracies
+        return loss, *(util.to_host(accuracies[key]).mean() for key in ('support', 'query'))
+
+    def _evaluate(self, task_batch, train):
+        """The training loop's call: _step's loss and per-task accuracies, with gradients only
+        when train."""
+        with torch.set_grad_enabled(train):
+            return self._step(task_batch, per_task=True)
 
     def _checkpoint_state(self):
         return {'network_state_dict': self._network.state_dict(),

@@ -40,6 +40,33 @@ def accuracy_metrics(learner):
             for key, label in learner.METRICS.items() if key != 'loss'}
 
 
+# The runs' names, experiments.py's (each spelled once, there)
+PROTONET_5SHOT, PROTONET_1SHOT = experiments.PROTONET_5SHOT.name, experiments.PROTONET_1SHOT.name
+MAML_RUNS = tuple(run.name for run in (experiments.MAML_DEFAULT_LR, experiments.MAML_SMALL_LR,
+                                       experiments.MAML_SMALL_LR_5_STEPS,
+                                       experiments.MAML_LEARNED_LRS))
+MAML_DEFAULT_LR, MAML_SMALL_LR, MAML_SMALL_LR_5_STEPS, MAML_LEARNED_LRS = MAML_RUNS
+METABOLISM = experiments.METABOLISM.name
+SECOND_HANDOUT_RUNS = FOMAML, MAMLPP, TRANSFER = tuple(
+    run.name for run in (experiments.FOMAML, experiments.MAMLPP, experiments.TRANSFER))
+ONE_SHOT_TEST, = experiments.ONE_SHOT_TEST  # (support, query) of the 5-way 1-shot test tasks
+
+
+def inner_lr(run):
+    """The inner learning rate a MAML run of experiments.py trains with (maml.py's default where
+    its flags leave it)."""
+    return experiments.parsed(run.script, run.flags).inner_lr
+
+
+LR, SMALL_LR = inner_lr(experiments.MAML_DEFAULT_LR), inner_lr(experiments.MAML_SMALL_LR)
+
+
+def tested_shape(run):
+    """(support, query) of the one --test of a run tested on its training shape."""
+    (shape,) = run.tests
+    return shape
+
+
 PROTONET_METRICS = accuracy_metrics(protonet.ProtoNet)
 MAML_METRICS = accuracy_metrics(maml.MAML)
 PARTS = {'P1': 'Part 1: Prototypical networks', 'P2': 'Part 2: MAML',
@@ -51,8 +78,8 @@ FOMAML_BAR = 0.80  # the second handout: at least this validation query accuracy
 # Copied by hand from two students' filled-in reports of the homework (CS 330 Autumn 2022 and
 # 2023), as printed there: (mean, 95% interval or None where not given).
 REPORTED = {
-    'protonet_test': {'protonet_5shot': {'2022': (0.985, 0.002), '2023': (0.983, None)},
-                      'protonet_1shot': {'2022': (0.984, 0.002), '2023': (0.985, None)}},
+    'protonet_test': {PROTONET_5SHOT: {'2022': (0.985, 0.002), '2023': (0.983, None)},
+                      PROTONET_1SHOT: {'2022': (0.984, 0.002), '2023': (0.985, None)}},
     'k_sweep_2023': {  # Table 2 of the 2023 report: K -> (ProtoNet, MAML with learned lrs)
         1: ((0.985, 0.003), (0.979, 0.003)), 2: ((0.994, 0.001), (0.990, 0.002)),
         4: ((0.995, 0.001), (0.993, 0.001)), 6: ((0.996, 0.001), (0.994, 0.001)),
@@ -124,14 +151,10 @@ class Runs:
         return scalars(self.events(name), tag or VAL_QUERY[self.saved[name].script])
 
     def test(self, name, shot, query):
-        """The --test result JSON of (shot, query) at the run's latest tested checkpoint, with
-        the inner steps it trained with, or None."""
-        inner_steps = self.flags(name)['flags'].get('num_inner_steps')
-        results = [json.loads(path.read_text()) for path in (self.root / name).glob('test.*.json')]
-        return max((result for result in results
-                    if (result['shot'], result['query'], result['inner_steps'])
-                    == (shot, query, inner_steps)),
-                   key=lambda result: result['checkpoint_step'], default=None)
+        """The result JSON of the --test of (shot, query) that experiments.py runs at the last
+        checkpoint of the iterations the run was started for, or None."""
+        path = self.saved[name].test_result(self.root / name, self.asked(name), shot, query)
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def note(self, names):
         """The sentence every figure and table ends with: which of its runs were shortened."""
@@ -187,7 +210,7 @@ def draw_k_sweep(ax, runs):
     """Ours (filled, shifted by 0.1 to either side), then Table 2 of the 2023 report beside
     each (open, shifted by 0.25), every point with its 95% interval."""
     for model, (offset, (name, label)) in enumerate(zip((-0.1, 0.1), SWEEP_MODELS.items())):
-        results = [runs.test(name, shot, 10) for shot in experiments.K_SWEEP]
+        results = [runs.test(name, shot, experiments.SWEEP_QUERY) for shot in experiments.K_SWEEP]
         shots = [shot + offset for shot, result in zip(experiments.K_SWEEP, results) if result]
         results = [result for result in results if result]
         ax.errorbar(shots, [r['mean'] for r in results], yerr=[r['ci95'] for r in results],
@@ -204,10 +227,10 @@ def draw_k_sweep(ax, runs):
 
 
 def draw_metabolism(ax, runs):
-    steps, accuracies = runs.curve('metabolism')
-    _, ci95 = runs.curve('metabolism', VAL_CI95)
+    steps, accuracies = runs.curve(METABOLISM)
+    _, ci95 = runs.curve(METABOLISM, VAL_CI95)
     ax.errorbar(steps, accuracies, yerr=ci95, marker='o', capsize=3,
-                label='validation query accuracy, 95% interval' + runs.shortened('metabolism'))
+                label='validation query accuracy, 95% interval' + runs.shortened(METABOLISM))
     for (year, (mean, ci95)), color in zip(REPORTED['metabolism_val'].items(), ('C1', 'C2')):
         ax.axhline(mean, color=color, linestyle='--',
                    label=f"the {year} report's final validation, {interval(mean, ci95)}")
@@ -220,13 +243,13 @@ def draw_fomaml_bar(ax):
 
 
 def draw_fomaml(ax, runs):
-    draw_curves({'fomaml_5shot': 'first-order MAML, 5 inner steps'})(ax, runs)
+    draw_curves({FOMAML: 'first-order MAML, 5 inner steps'})(ax, runs)
     draw_fomaml_bar(ax)
 
 
 def draw_second_handout(ax, runs):
-    draw_curves({'fomaml_5shot': 'first-order MAML', 'mamlpp_5shot': 'MAML++',
-                 'transfer_5shot': 'transfer learning'})(ax, runs)
+    draw_curves({FOMAML: 'first-order MAML', MAMLPP: 'MAML++',
+                 TRANSFER: 'transfer learning'})(ax, runs)
     draw_fomaml_bar(ax)
 
 
@@ -245,60 +268,58 @@ def draw_stability(axes, runs):
     axes[0].set_ylabel('validation post-adaptation query accuracy')
 
 
-SWEEP_MODELS = {'protonet_1shot': 'ProtoNet (trained 5-way 1-shot)',
-                'maml_learned_inner_lrs': 'MAML, learned inner lrs (trained 5-way 1-shot)'}
+SWEEP_MODELS = {PROTONET_1SHOT: 'ProtoNet (trained 5-way 1-shot)',
+                MAML_LEARNED_LRS: 'MAML, learned inner lrs (trained 5-way 1-shot)'}
 FIGURES = (
     Figure(P1, 'protonet_metrics', 'ProtoNet, 5-way 5-shot: the four accuracy metrics',
            'Support and query accuracy on training tasks (dotted) and validation tasks (solid).',
-           ('protonet_5shot',), draw_metrics('protonet_5shot', PROTONET_METRICS)),
+           (PROTONET_5SHOT,), draw_metrics(PROTONET_5SHOT, PROTONET_METRICS)),
     Figure(P1, 'protonet_shots', 'ProtoNet: trained 5-way 5-shot vs 5-way 1-shot',
            'Validation query accuracy of the two ProtoNets (their own task shapes).',
-           ('protonet_5shot', 'protonet_1shot'),
-           draw_curves({'protonet_5shot': 'trained 5-way 5-shot',
-                        'protonet_1shot': 'trained 5-way 1-shot'})),
-    Figure(P2, 'maml_metrics', 'MAML, inner learning rate 0.4: the six accuracy metrics',
+           (PROTONET_5SHOT, PROTONET_1SHOT),
+           draw_curves({PROTONET_5SHOT: 'trained 5-way 5-shot',
+                        PROTONET_1SHOT: 'trained 5-way 1-shot'})),
+    Figure(P2, 'maml_metrics', f'MAML, inner learning rate {LR}: the six accuracy metrics',
            'Pre- and post-adaptation accuracies on training tasks (dotted) and validation tasks '
-           '(solid), 5-way 1-shot, one inner step.', ('maml_inner_lr_0.4',),
-           draw_metrics('maml_inner_lr_0.4', MAML_METRICS)),
-    Figure(P2, 'maml_inner_lr', 'MAML: inner learning rate 0.4 vs 0.04',
+           '(solid), 5-way 1-shot, one inner step.', (MAML_DEFAULT_LR,),
+           draw_metrics(MAML_DEFAULT_LR, MAML_METRICS)),
+    Figure(P2, 'maml_inner_lr', f'MAML: inner learning rate {LR} vs {SMALL_LR}',
            'Validation post-adaptation query accuracy, one inner step.',
-           ('maml_inner_lr_0.4', 'maml_inner_lr_0.04'),
-           draw_curves({'maml_inner_lr_0.4': 'inner lr 0.4', 'maml_inner_lr_0.04': 'inner lr 0.04'})),
-    Figure(P2, 'maml_inner_steps', 'MAML, inner learning rate 0.04: 1 vs 5 inner steps',
-           'Validation post-adaptation query accuracy.',
-           ('maml_inner_lr_0.04', 'maml_inner_lr_0.04_5_steps'),
-           draw_curves({'maml_inner_lr_0.04': '1 inner step',
-                        'maml_inner_lr_0.04_5_steps': '5 inner steps'})),
-    Figure(P2, 'maml_learned_lrs', 'MAML: learned vs fixed inner learning rates (both start at 0.4)',
-           'Validation post-adaptation query accuracy.',
-           ('maml_inner_lr_0.4', 'maml_learned_inner_lrs'),
-           draw_curves({'maml_inner_lr_0.4': 'fixed inner lr 0.4',
-                        'maml_learned_inner_lrs': 'learned inner lrs'})),
+           (MAML_DEFAULT_LR, MAML_SMALL_LR),
+           draw_curves({MAML_DEFAULT_LR: f'inner lr {LR}', MAML_SMALL_LR: f'inner lr {SMALL_LR}'})),
+    Figure(P2, 'maml_inner_steps', f'MAML, inner learning rate {SMALL_LR}: 1 vs 5 inner steps',
+           'Validation post-adaptation query accuracy.', (MAML_SMALL_LR, MAML_SMALL_LR_5_STEPS),
+           draw_curves({MAML_SMALL_LR: '1 inner step', MAML_SMALL_LR_5_STEPS: '5 inner steps'})),
+    Figure(P2, 'maml_learned_lrs',
+           f'MAML: learned vs fixed inner learning rates (both start at {LR})',
+           'Validation post-adaptation query accuracy.', (MAML_DEFAULT_LR, MAML_LEARNED_LRS),
+           draw_curves({MAML_DEFAULT_LR: f'fixed inner lr {LR}',
+                        MAML_LEARNED_LRS: 'learned inner lrs'})),
     Figure(P2, 'learned_lrs', 'MAML: the learned inner learning rates',
            'One learning rate per parameter tensor (conv0..3, b0..3: convolutions and biases; '
-           'w4, b4: the linear layer), as training learns them from 0.4.',
-           ('maml_learned_inner_lrs',), draw_inner_lrs('maml_learned_inner_lrs')),
+           f'w4, b4: the linear layer), as training learns them from {LR}.',
+           (MAML_LEARNED_LRS,), draw_inner_lrs(MAML_LEARNED_LRS)),
     Figure(P3, 'k_sweep', 'More support data at test time (K sweep)',
            'Test accuracy of the two 1-shot-trained models on 5-way K-shot tasks with 10 queries '
            'per class, error bars the 95% interval over the test tasks, beside Table 2 of the '
            '2023 report (open markers, dashed; the sets of points are shifted apart to be told '
            'apart).', tuple(SWEEP_MODELS), draw_k_sweep),
-    Figure(P4, 'metabolism', 'ProtoNet on TDC Metabolism',
+    Figure(P4, 'metabolism_validation', 'ProtoNet on TDC Metabolism',
            "Validation query accuracy, 2-way 5-shot tasks of the validation data sets, error bars "
            "the 95% interval over about 2,400 tasks (the assignment's validation), against the "
            "final validation accuracy of the two reports (dashed).",
-           ('metabolism',), draw_metabolism),
+           (METABOLISM,), draw_metabolism),
     Figure(H2, 'fomaml', 'First-order MAML, 5-way 5-shot, 5 inner steps (second handout)',
            'Validation post-adaptation query accuracy, against the bar the handout sets.',
-           ('fomaml_5shot',), draw_fomaml),
+           (FOMAML,), draw_fomaml),
     Figure(H2, 'second_handout', 'First-order MAML, MAML++ and the transfer-learning baseline',
            'Validation post-adaptation query accuracy on 5-way 5-shot tasks; for the transfer '
            'baseline, a new linear layer fitted to each task on the pre-trained, frozen features; '
            "dashed, the handout's bar for first-order MAML.",
-           ('fomaml_5shot', 'mamlpp_5shot', 'transfer_5shot'), draw_second_handout),
+           SECOND_HANDOUT_RUNS, draw_second_handout),
     Figure(H2, 'stability', 'Training stability: first-order MAML vs MAML++ (second handout, '
            'extra credit)', 'Validation post-adaptation query accuracy in the handout\'s setting '
-           '(5-way 5-shot, 15 queries, 5 inner steps at inner learning rate 0.4, 1000 '
+           f'(5-way 5-shot, 15 queries, 5 inner steps at inner learning rate {LR}, 1000 '
            'iterations), three seeds per method, the same seeds for both.',
            experiments.STABILITY_RUNS, draw_stability, panels=2),
 )
@@ -352,37 +373,38 @@ def last_validation(runs, name, tag=None):
 
 def protonet_rows(runs):
     return (['trained as', 'ours', '2022 report', '2023 report'],
-            [[name, test_cell(runs, name, 1, 15),
+            [[name, test_cell(runs, name, *ONE_SHOT_TEST),
               *(reported_cell(REPORTED['protonet_test'][name][year]) for year in ('2022', '2023'))]
-             for name in ('protonet_5shot', 'protonet_1shot')])
+             for name in (PROTONET_5SHOT, PROTONET_1SHOT)])
 
 
 def maml_rows(runs):
-    return ['run', 'ours'], [[name, test_cell(runs, name, 1, 15)] for name in MAML_RUNS]
+    return ['run', 'ours'], [[name, test_cell(runs, name, *ONE_SHOT_TEST)] for name in MAML_RUNS]
 
 
 def k_sweep_rows(runs):
     return (['K', 'ProtoNet (ours)', 'ProtoNet (2023 report)', 'MAML, learned lrs (ours)',
              'MAML (2023 report)'],
-            [[str(shot), test_cell(runs, 'protonet_1shot', shot, 10),
+            [[str(shot), test_cell(runs, PROTONET_1SHOT, shot, experiments.SWEEP_QUERY),
               reported_cell(REPORTED['k_sweep_2023'][shot][0]),
-              test_cell(runs, 'maml_learned_inner_lrs', shot, 10),
+              test_cell(runs, MAML_LEARNED_LRS, shot, experiments.SWEEP_QUERY),
               reported_cell(REPORTED['k_sweep_2023'][shot][1])] for shot in experiments.K_SWEEP])
 
 
 def metabolism_rows(runs):
-    steps, accuracies = runs.curve('metabolism')
-    _, ci95 = runs.curve('metabolism', VAL_CI95)
+    steps, accuracies = runs.curve(METABOLISM)
+    _, ci95 = runs.curve(METABOLISM, VAL_CI95)
     last = f'{interval(accuracies[-1], ci95[-1])} (iteration {steps[-1]})' if steps else '—'
     return (['', 'validation query accuracy', 'test accuracy'],
-            [['ours', last, test_cell(runs, 'metabolism', 5, 10)],
+            [['ours', last, test_cell(runs, METABOLISM, *tested_shape(experiments.METABOLISM))],
              *([f'{year} report', reported_cell(value), '—']
                for year, value in REPORTED['metabolism_val'].items())])
 
 
 def second_handout_rows(runs):
     return (['run', 'last validation', 'test accuracy'],
-            [[name, last_validation(runs, name), test_cell(runs, name, 5, 15)]
+            [[name, last_validation(runs, name),
+              test_cell(runs, name, *tested_shape(experiments.BY_NAME[name]))]
              for name in SECOND_HANDOUT_RUNS])
 
 
@@ -393,14 +415,11 @@ def runs_rows(runs):
              for name, record in ((name, runs.flags(name)) for name in runs.saved)])
 
 
-MAML_RUNS = ('maml_inner_lr_0.4', 'maml_inner_lr_0.04', 'maml_inner_lr_0.04_5_steps',
-             'maml_learned_inner_lrs')
-SECOND_HANDOUT_RUNS = ('fomaml_5shot', 'mamlpp_5shot', 'transfer_5shot')
 TABLES = (
     Table(P1, 'ProtoNet: test accuracy on 5-way 1-shot tasks',
           'Both ProtoNets tested on 5-way 1-shot test tasks (15 queries per class) at their last '
           'checkpoint, mean ± 95% interval, beside the two reports.',
-          ('protonet_5shot', 'protonet_1shot'), protonet_rows),
+          (PROTONET_5SHOT, PROTONET_1SHOT), protonet_rows),
     Table(P2, 'MAML: test accuracy on 5-way 1-shot tasks',
           'Test tasks with 15 queries per class, at the last checkpoint (the reports give no such '
           "table; the 2023 report's K = 1, Q = 10 value for learned inner lrs is in the K sweep "
@@ -411,7 +430,7 @@ TABLES = (
     Table(P4, 'ProtoNet on TDC Metabolism',
           "Last validation query accuracy with its 95% interval (about 2,400 tasks; the reports' "
           '0.004 is the spread of batch means, about half an interval over tasks) and the test '
-          'accuracy.', ('metabolism',), metabolism_rows),
+          'accuracy.', (METABOLISM,), metabolism_rows),
     Table(H2, 'Second handout: 5-way 5-shot',
           'Last validation post-adaptation query accuracy and the test accuracy; the '
           f"handout's bar for first-order MAML is {FOMAML_BAR:.2f} on validation within 1000 "

@@ -11,7 +11,8 @@ A learner (ProtoNet, MAML, ...) subclasses MetaLearner and supplies only
                        for every METRICS (with train, TRAIN_METRICS) key but 'loss'
     _checkpoint_state() / _load_checkpoint_state(state)
                        the learner's own checkpoint keys (parameters and optimizer state)
-and an Adam optimizer in self._optimizer. Everything else lives here, once, including the
+and an Adam optimizer in self._optimizer (run here with the device's fused kernel:
+use_adam_kernels). Everything else lives here, once, including the
 opt-in reduced precision (`amp`, from --amp): bfloat16 autocast around every `_evaluate`.
 A script's main() checks its flags, then calls `main` below with its data set's task source
 (sampling.py) and a function that builds its learner. Launched by torchrun, every process runs
@@ -20,7 +21,9 @@ the same loop on the same batches, each on its share of them (distributed.py).
 On a GPU the host never waits for the device in a training step between log steps: a step's
 loss and metrics stay on the device, and the host reads them every LOG_INTERVAL steps and
 before every checkpoint, where a non-finite loss of any step since the last read stops
-training before a checkpoint can hold it.
+training before a checkpoint can hold it. Before the first step on a GPU, one line says so
+where what a batch keeps for its backward pass would not fit in the device's free memory, with
+the batch size that may (_check_memory).
 
 A run survives being stopped: SIGTERM, SIGINT or SIGUSR1 (util.STOP_SIGNALS) ends training
 after the step in progress, whose checkpoint is written first (util.Stopped: one line and exit
@@ -35,6 +38,7 @@ import re
 import shlex
 import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,8 +54,17 @@ FLAGS_FILE = 'flags.json'  # how a run was made, written as training starts
 EVENTS_PREFIX = 'events.out.tfevents'  # how TensorBoard's SummaryWriter names its files
 AMP_CHOICES = ('none', 'bf16')
 TASKS_CHOICES = ('loop', 'batched', 'auto')
-# What --tasks auto picks per device type: the faster one in benchmarks/README.md's batched rows.
-AUTO_TASKS = {'cpu': 'loop'}
+# What --tasks auto picks per device type; elsewhere the loop. The CPU: the loop, measured the
+# faster in benchmarks/README.md's batched rows. CUDA and MPS: batched, chosen by the operation
+# count until a GPU times both (benchmarks/README.md): a GPU step is bound by its kernel
+# launches, and batched MAML 5-way 1-shot dispatches about a tenth of the loop's operations per
+# step at 16 tasks, as many at any batch size.
+AUTO_TASKS = {'cpu': 'loop', 'cuda': 'batched', 'mps': 'batched'}
+# Where Adam runs fused: one kernel per step for all parameters, where the plain Adam launches
+# about ten per parameter. torch has the fused kernel on these device types (foreach kernels,
+# the other way to batch the update, it has on CUDA only: none on MPS); elsewhere Adam is
+# torch's default.
+FUSED_ADAM_DEVICES = ('cpu', 'cuda', 'mps')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +111,15 @@ class MetaLearner:
         self._unread = []  # (step, _train_step's summary on the device) not yet read
         self._signal = 0  # the stop signal received during training, 0 before one
 
+    @property
+    def _optimizer(self):
+        """The learner's Adam, as its subclass sets it, run with the device's kernels."""
+        return self._adam
+
+    @_optimizer.setter
+    def _optimizer(self, optimizer):
+        self._adam = use_adam_kernels(optimizer, self._device)
+
     # ----- what subclasses implement -----
     def _evaluate(self, task_batch, train):
         raise NotImplementedError
@@ -142,6 +164,8 @@ class MetaLearner:
         loaders = {'train': dataloader_train, 'val': dataloader_val}
         with util.on_stop_signals(self._on_signal):
             for step, task_batch in enumerate(dataloader_train, start=self._start_train_step):
+                if step == self._start_train_step:
+                    self._check_memory(task_batch)
                 self._unread.append((step, self._train_step(task_batch, step)))
                 if step % LOG_INTERVAL == 0:
                     metrics = self._read_training()
@@ -160,6 +184,23 @@ class MetaLearner:
         self._read_training()
         writer.flush()
         return step
+
+    def _check_memory(self, task_batch):
+        """Before the first step on a GPU: one line (memory_warning) where what this process's
+        tasks of task_batch keep for the backward pass would not fit in the device's free
+        memory, rather than an out-of-memory error in the step. The estimate: the saved tensors
+        of one task's training forward pass (graph_bytes), times the tasks; not on the CPU.
+        """
+        device = torch.device(self._device)
+        free = free_memory(device)
+        if free is None:
+            return
+        tasks = self._share(task_batch)
+        with self._autocast():
+            per_task = graph_bytes(self._evaluate(tasks[:1], train=True)[0])
+        warning = memory_warning(per_task, len(tasks), free, device)
+        if warning:
+            print(warning)
 
     def _on_signal(self, signum):
         """A stop signal during training: the first one is noted, and train stops after this
@@ -300,8 +341,8 @@ class MetaLearner:
         if not os.path.isfile(path):
             raise util.UserError(f'no checkpoint at {path}; check --log_dir and --checkpoint_step')
         try:
-            # On the CPU: the learner copies tensors into its own, and Adam's step counts stay
-            # on the host (on a GPU, foreach Adam would read each back in every step).
+            # On the CPU: the learner copies tensors into its own; Adam's step counts go where
+            # its kernels take them (use_adam_kernels).
             state = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as error:
             raise DamagedCheckpoint(path, error) from None
@@ -417,10 +458,11 @@ def add_common_args(parser, num_train_iterations, batch='tasks per outer-loop up
 
 def add_tasks_arg(parser):
     """--tasks, for the learners that can batch their tasks (ProtoNet, MAML)."""
+    picks = ', '.join(f'{tasks} on {device}' for device, tasks in AUTO_TASKS.items())
     parser.add_argument('--tasks', type=str, default='loop',
                         help="'loop' runs a batch's tasks one at a time, 'batched' all at once "
-                             "(torch.func.vmap; the same numbers), 'auto' the one measured "
-                             'faster on this kind of device (the loop where not measured)')
+                             "(torch.func.vmap; the same numbers), 'auto' picks by device: "
+                             f'{picks}, loop elsewhere')
 
 
 # The task shape, as every default log dir starts: (name in the log dir, flag).
@@ -470,9 +512,86 @@ def per_task(function, batched):
     return loop
 
 
+def graph_bytes(tensor):
+    """Bytes of the tensors saved for the backward pass in tensor's autograd graph (each
+    storage once), read from its nodes' saved values (the `_saved_*` attributes; hooks on
+    saving do not run under torch.func.grad). A training step holds them from its forward pass
+    into its backward pass: a lower bound of its memory.
+
+    Args:
+        tensor (Tensor): the result of a forward pass, with a grad_fn
+    """
+    storages, seen, nodes = {}, set(), [tensor.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if name.startswith('_saved_'):
+                values = getattr(node, name)
+                for value in values if isinstance(values, (tuple, list)) else [values]:
+                    if isinstance(value, torch.Tensor):
+                        storage = value.untyped_storage()
+                        storages[storage.data_ptr()] = storage.nbytes()
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return sum(storages.values())
+
+
+def free_memory(device):
+    """Bytes a GPU can still allocate: on CUDA, its free memory (torch.cuda.mem_get_info) and
+    what PyTorch's cache holds unused; on MPS, the recommended working set less what is
+    allocated; None elsewhere (the CPU: not checked)."""
+    if device.type == 'cuda':
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+    if device.type == 'mps':
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return None
+
+
+def memory_warning(per_task, num_tasks, free, device):
+    """The line saying that num_tasks tasks of per_task bytes each exceed free bytes on device,
+    with the largest --batch_size that may fit (this process's tasks times the processes);
+    None where they fit."""
+    if per_task * num_tasks <= free:
+        return None
+    fits = free // per_task * distributed.world_size()
+    advice = (f'--batch_size {fits} at most fits' if fits else
+              'not even one task fits: use fewer ways, shots, queries or inner steps')
+    return (f'Warning: a batch of {num_tasks * distributed.world_size()} tasks keeps about '
+            f'{per_task * num_tasks / 2 ** 30:.1f} GiB for its backward pass '
+            f'({per_task / 2 ** 20:.0f} MiB a task), more than the {free / 2 ** 30:.1f} GiB '
+            f'free on {device.type}; {advice}.')
+
+
+def adam_kernels(device):
+    """Adam's implementation flags for a device (str or torch.device): fused on
+    FUSED_ADAM_DEVICES, else torch's default (both None)."""
+    if torch.device(device).type in FUSED_ADAM_DEVICES:
+        return {'fused': True, 'foreach': False}
+    return {'fused': None, 'foreach': None}
+
+
+def use_adam_kernels(optimizer, device):
+    """optimizer (an Adam) with adam_kernels(device), now and after it loads a state: a
+    checkpoint's groups carry the flags of the machine that wrote it, which load_state_dict
+    would take, and they decide where it puts the step counts (fused: on the device).
+
+    Returns:
+        optimizer
+    """
+    kernels = adam_kernels(device)
+    for group in optimizer.param_groups:
+        group.update(kernels)
+    optimizer.register_load_state_dict_pre_hook(lambda _, state: dict(
+        state, param_groups=[dict(group, **kernels) for group in state['param_groups']]))
+    return optimizer
+
+
 def batched_tasks(tasks, device):
     """Whether a learner runs a batch's tasks all at once: --tasks 'batched', or 'auto' where
-    AUTO_TASKS says batched for the device's type; 'loop' and unmeasured devices: one by one."""
+    AUTO_TASKS says batched for the device's type; 'loop' and other devices: one by one."""
     check_tasks(tasks)
     if tasks == 'auto':
         tasks = AUTO_TASKS.get(torch.device(device).type, 'loop')
@@ -510,12 +629,13 @@ def check_log_dir(args, log_dir):
     """
     if args.test:
         return  # reads a checkpoint: Learner.load names a missing one
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-    except OSError as error:
-        raise util.UserError(f'cannot create --log_dir {log_dir} ({error.strerror}); pick '
-                             'another --log_dir') from None
-    if args.resume or args.checkpoint_step > -1:
+    nearest = Path(log_dir).absolute()  # what creating it would write into; nothing made yet
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
+        raise util.UserError(f'cannot create --log_dir {log_dir} ({nearest} is not a folder '
+                             'you can write in); pick another --log_dir')
+    if args.resume or args.checkpoint_step > -1 or not os.path.isdir(log_dir):
         return
     if checkpoint_steps(log_dir) or any(name.startswith(EVENTS_PREFIX)
                                         for name in os.listdir(log_dir)):

@@ -14,9 +14,11 @@ implement; each training and validation row of ours is timed with the per-task l
 checks that ours, both ways, is as accurate as the reference (exit status 1 otherwise). Each
 row runs warm-up iterations, then the median of timed ones (timing.py); ours and the
 reference alternate within one process, so a busy machine slows both, but take numbers on an
-idle one.
+idle one. A last table counts the operations each training step of ours dispatches
+(OperationCounter): on a GPU each is a kernel launch, a host cost that a CPU can measure.
 """
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -24,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import maml
 import maml_transfer
@@ -67,6 +70,21 @@ QUICK = Sizes(batch_size=2, warmup=1, repeats=1, eval_passes=1, val_tasks=2, tes
 
 
 # ----- what is measured -----
+class OperationCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it, backward passes included, views
+    (which launch no kernel) excluded: on a GPU, the kernel launches, each a few microseconds
+    of host time, counted on any device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 class Bench:
     """Builds ours and the reference for one device and sizes; its methods return Results."""
 
@@ -119,6 +137,17 @@ class Bench:
             optimizer.step()
             loss.item()
         return self.measure_training(step)
+
+    def ours_operations(self, learner, num_way, num_support):
+        """The operations one training step of learner dispatches (OperationCounter), counted
+        after a first step that creates Adam's state; drawing the batch is not counted."""
+        batches = iter(self.ours_loader('train', self.sizes.batch_size, num_way, num_support,
+                                        2 * self.sizes.batch_size))
+        learner._train_step(next(batches), 1)
+        task_batch = next(batches)
+        with OperationCounter() as counter:
+            learner._train_step(task_batch, 2)
+        return counter.count
 
     def ours_validate(self, learner, num_way, num_support):
         num_tasks = self.sizes.val_tasks
@@ -177,7 +206,7 @@ class Bench:
     def transfer(self, amp='none'):
         return maml_transfer.TransferLearner(LEARNING_RATE, self.sizes.adapt_steps, 2.0,
                                              self.log_dir, self.device,
-                                             training.RunSettings(amp=amp))
+                                             training.RunSettings(amp=amp), num_way=5)
 
     def reference_transfer_validate(self):
         """reference.transfer_learn, a task at a time, on the tasks ours_validate draws."""
@@ -243,6 +272,24 @@ class Bench:
 AMPS = ('none', 'bf16')
 
 
+def training_setups(bench):
+    """What the training rows measure: {name: (the reference's training step, a callable
+    returning its Result; ours(amp, tasks) -> a learner; the tasks' shots)}, all 5-way."""
+    setups = {'ProtoNet 5w5s': (bench.course_protonet_train, bench.protonet, 5)}
+    for name, num_inner_steps, first_order in MAML_ROWS:
+        setups[name] = (functools.partial(bench.course_maml_train, num_inner_steps, first_order),
+                        functools.partial(bench.maml, num_inner_steps, first_order), 1)
+    return setups
+
+
+def count_operations(bench):
+    """{training row name: (loop, batched)}: the operations one float32 training step of ours
+    dispatches on each --tasks path."""
+    return {name: tuple(bench.ours_operations(ours('none', tasks), 5, num_support)
+                        for tasks in ('loop', 'batched'))
+            for name, (_, ours, num_support) in training_setups(bench).items()}
+
+
 def measure_rows(bench):
     """Every row of the table: {row name: (reference, ours fp32, ours bf16 or None)}. A row of
     ours with --tasks batched follows its loop row and shares its reference measurement."""
@@ -254,13 +301,9 @@ def measure_rows(bench):
         rows[name.replace(':', f'{BATCHED}:')] = (
             reference, *(measure_ours(amp, 'batched') for amp in AMPS))
 
-    ours_both_ways('ProtoNet 5w5s: training, s/iter', bench.course_protonet_train(),
-                   lambda amp, tasks: bench.ours_train(bench.protonet(amp, tasks), 5, 5))
-    for name, num_inner_steps, first_order in MAML_ROWS:
-        ours_both_ways(f'{name}: training, s/iter',
-                       bench.course_maml_train(num_inner_steps, first_order),
-                       lambda amp, tasks: bench.ours_train(
-                           bench.maml(num_inner_steps, first_order, amp, tasks), 5, 1))
+    for name, (course_train, ours, num_support) in training_setups(bench).items():
+        ours_both_ways(f'{name}: training, s/iter', course_train(),
+                       lambda amp, tasks: bench.ours_train(ours(amp, tasks), 5, num_support))
     network, _ = bench.course_protonet()
 
     def course_protonet_eval(task_batch):
@@ -302,8 +345,9 @@ def number(value):
     return f'{value:.0f}' if value >= 100 else f'{value:.3g}'
 
 
-def format_table(rows):
-    """The markdown tables of speed and memory."""
+def format_table(rows, operations, batch_size):
+    """The markdown tables of speed, memory and (operations: count_operations) operations per
+    training step of batch_size tasks."""
     lines = ['| | reference | ours fp32 | speed-up | ours bf16 | speed-up |',
              '|---|---:|---:|---:|---:|---:|']
     for name, (theirs, ours, ours_bf16) in rows.items():
@@ -326,6 +370,9 @@ def format_table(rows):
     for name, results in rows.items():
         lines.append(f'| {name.rsplit(",", 1)[0]} | ' + ' | '.join(
             f'{result.memory:.0f}' if result else '' for result in results) + ' |')
+    lines += ['', f'| operations per training step, batch of {batch_size} | loop | batched |',
+              '|---|---:|---:|']
+    lines += [f'| {name} | {loop} | {batched} |' for name, (loop, batched) in operations.items()]
     return '\n'.join(lines)
 
 
@@ -351,10 +398,11 @@ def main(args):
         reset_peak_memory(device)  # frees what the checks left behind
         start_memory = memory_mib(device, peak=False)
         rows = measure_rows(bench)
+        operations = count_operations(bench)
     print(f'\nMachine: {machine(device)}; batch of {sizes.batch_size} tasks, 15 queries per '
           f'class; median of {sizes.repeats} iterations after {sizes.warmup} warm-up; this '
           f'process held {start_memory:.0f} MiB before the rows.\n')
-    print(format_table(rows))
+    print(format_table(rows, operations, sizes.batch_size))
 
 
 def parse_args(argv=None):

@@ -150,3 +150,25 @@ def omniglot_batch():
         return next(iter(omniglot.get_omniglot_dataloader(
             'train', batch_size, num_way, num_support, num_query, batch_size, seed=seed)))
     return first_batch
+
+
+GRADESCOPE_VISIBILITIES = ('hidden', 'after_due_date', 'after_published', 'visible')
+
+
+def assert_gradescope_results(path, score, max_score):
+    """path holds a results.json as Gradescope documents it (gradescope-autograders.readthedocs
+    .io/en/latest/specs/#output-format): a number `score` (here the tests' sum), a string
+    `output`, and `tests`, each with a string `name`, number `score` and `max_score`, `status`
+    passed or failed, a `visibility` of Gradescope's four and a string `output`."""
+    results = json.loads(Path(path).read_text())
+    assert set(results) == {'score', 'output', 'tests'}
+    assert isinstance(results['output'], str)
+    for test in results['tests']:
+        assert set(test) == {'name', 'score', 'max_score', 'status', 'visibility', 'output'}
+        assert all(isinstance(test[key], str) for key in ('name', 'output'))
+        assert all(type(test[key]) in (int, float) for key in ('score', 'max_score'))
+        assert test['status'] == ('passed' if test['score'] == test['max_score'] else 'failed')
+        assert test['visibility'] in GRADESCOPE_VISIBILITIES
+    assert results['score'] == sum(test['score'] for test in results['tests']) == score
+    assert sum(test['max_score'] for test in results['tests']) == max_score
+    return results

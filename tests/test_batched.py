@@ -275,11 +275,22 @@ def test_unknown_tasks_value_is_a_one_line_error(capsys, script):
         "error: unknown --tasks 'fast'; use one of loop, batched, auto\n")
 
 
-def test_auto_picks_the_measured_faster_way_per_device_type_and_the_loop_elsewhere(monkeypatch):
+@pytest.mark.parametrize('cuda, mps, batched', [(True, False, True), (False, True, True),
+                                                (False, False, False)])
+def test_auto_is_batched_on_the_gpu_that_gpu_finds_and_the_loop_on_the_cpu(monkeypatch, cuda,
+                                                                           mps, batched):
+    """--device gpu --tasks auto: batched on CUDA and MPS, the loop on the CPU it falls back to."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: mps)
+    assert training.batched_tasks('auto', util.get_device('gpu')) is batched
+
+
+def test_auto_takes_the_loop_on_other_devices_and_help_says_what_it_picks():
     assert set(training.AUTO_TASKS.values()) <= {'loop', 'batched'}
-    monkeypatch.setattr(training, 'AUTO_TASKS', {'cuda': 'batched', 'cpu': 'loop'})
-    assert training.batched_tasks('auto', torch.device('cuda'))
-    assert not training.batched_tasks('auto', 'cpu')
-    assert not training.batched_tasks('auto', 'mps')  # not measured
+    assert not training.batched_tasks('auto', 'meta')
     assert training.batched_tasks('batched', 'cpu') and not training.batched_tasks('loop', 'cuda')
     assert parse('protonet.py').tasks == parse('maml.py').tasks == 'loop'
+    parser = argparse.ArgumentParser()
+    training.add_tasks_arg(parser)
+    assert ("'auto' picks by device: loop on cpu, batched on cuda, batched on mps, loop "
+            'elsewhere' in ' '.join(parser.format_help().split()))

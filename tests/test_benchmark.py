@@ -1,5 +1,7 @@
 """benchmarks/benchmark.py (`python -m benchmarks.benchmark`): the quick mode's accuracy checks
-pass and its table is complete."""
+pass and its tables are complete; its operation count skips views, and batched MAML's step
+dispatches as many operations at any batch size."""
+import dataclasses
 import re
 import subprocess
 import sys
@@ -8,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import numerics, time_to_accuracy
+from benchmarks import benchmark, numerics, time_to_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,6 +24,9 @@ ROWS = [*BATCHED_ROWS, *(row.replace(':', ' --tasks batched:') for row in BATCHE
         'ProtoNet 5w5s: --test, s/task', 'MAML 5w1s 1 step: --test, s/task',
         'Transfer 5w5s: validation, s/task']
 NUMBER = r'[\d.e+-]+'
+# Issue 27: MAML 5-way 1-shot, one inner step, --tasks batched dispatched about 830 operations
+# per training step (flat in the batch size) before Adam was fused; at most this many.
+MAX_BATCHED_MAML_OPERATIONS = 1000
 
 
 def test_quick_benchmark_checks_accuracy_and_prints_every_row():
@@ -44,6 +49,9 @@ def test_quick_benchmark_checks_accuracy_and_prints_every_row():
         assert re.search(rf'^\| {re.escape(row)} \| {cells} \|$', result.stdout, re.M), row
     memory_rows = re.findall(r'^\| [^|]+ \| \d+ \| \d+ \| \d* \|$', result.stdout, re.M)
     assert len(memory_rows) == len(ROWS) + 2
+    assert 'operations per training step, batch of 2 | loop | batched |' in result.stdout
+    for name in CHECKS:
+        assert re.search(rf'^\| {name} \| [1-9]\d* \| [1-9]\d* \|$', result.stdout, re.M), name
     speed_ups = speed_up_cells(result.stdout)
     assert len(speed_ups) == 2 * len(ROWS) + 2 + 2 * len(BATCHED_ROWS)
     for name, reference, ours, speed_up in speed_ups:  # each is the ratio of its two cells
@@ -85,3 +93,19 @@ def test_time_to_accuracy_stops_at_the_first_validation_at_the_target():
     iteration, seconds = time_to_accuracy.run_until(0.99, program)
     assert iteration == 50 and seconds >= 0
     assert time_to_accuracy.run_until(0.999, program) is None
+
+
+def test_the_operation_count_skips_views():
+    x = torch.ones(3)
+    with benchmark.OperationCounter() as counter:
+        x.view(3, 1).t()
+        (x + 1) * 2
+    assert counter.count == 2
+
+
+def test_batched_maml_dispatches_as_many_operations_per_step_at_any_batch_size(tmp_path):
+    def count(batch_size):
+        bench = benchmark.Bench(None, dataclasses.replace(benchmark.QUICK, batch_size=batch_size),
+                                torch.device('cpu'), str(tmp_path))
+        return bench.ours_operations(bench.maml(1, tasks='batched'), 5, 1)
+    assert count(2) == count(3) <= MAX_BATCHED_MAML_OPERATIONS

@@ -26,15 +26,18 @@ def adam_with_state(model):
     lambda log_dir, device: maml.MAML(5, 1, 0.4, True, 0.001, log_dir, device),
     lambda log_dir, device: protonet.ProtoNet(0.001, log_dir, device)])
 def test_a_checkpoint_loads_on_the_host_and_adam_keeps_its_step_counts_there(build, tmp_path):
-    """On the 'meta' device (a stand-in for a GPU here): the weights and Adam's moments move to
-    the learner's device, Adam's step counts stay CPU tensors, which foreach Adam reads on the
-    host (on a GPU it would read each back from the device in every step)."""
+    """On the 'meta' device (a stand-in for a device without fused Adam here): the weights and
+    Adam's moments move to the learner's device, Adam's step counts stay CPU tensors, which a
+    plain or foreach Adam reads on the host (it would read each back from a device in every
+    step). The checkpoint, written on the CPU, holds fused Adam's flags: the learner's own win.
+    Fused Adam (CPU, CUDA, MPS) keeps them beside the weights: tests/test_training.py."""
     adam_with_state(build(str(tmp_path), 'cpu'))._save(0)
     learner = build(str(tmp_path), torch.device('meta'))
     learner.load(0)
     states = learner._optimizer.state_dict()['state'].values()
     assert states and all(state['step'].device.type == 'cpu' for state in states)
     assert all(state['exp_avg'].device.type == 'meta' for state in states)
+    assert not any(group['fused'] for group in learner._optimizer.param_groups)
 
 
 @pytest.fixture

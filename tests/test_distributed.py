@@ -209,7 +209,8 @@ def test_transfer_pretraining_averages_the_gradients_of_the_processes_images(lau
     with float64_run.float64():
         util.seed_everything(args.seed)
         learner = maml_transfer.TransferLearner(args.learning_rate, args.adapt_steps,
-                                                args.adapt_lr, str(folder), 'cpu')
+                                                args.adapt_lr, str(folder), 'cpu',
+                                                num_way=args.num_way)
         tasks = maml_transfer.PretrainingTasks(args.num_way, args.num_support, args.num_query)
         (images, labels), = next(iter(tasks.loader('train', args.batch_size, args.batch_size,
                                                    'cpu')))

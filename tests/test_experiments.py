@@ -195,14 +195,48 @@ def test_a_stopped_run_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch)
     assert plan.state() == 'done' and experiments.jobs(plan) == []
 
 
+def test_a_job_follows_its_files_not_its_printed_lines(tmp_path, monkeypatch):
+    """A training job's bar follows its checkpoints: a command that prints iteration 4's line
+    and a test's line, but saves only checkpoint 2 of a 6-iteration run (a checkpoint every 2
+    steps), has done 3 iterations. What it printed is in console.log; a failing command is
+    one line naming its last line."""
+    import tqdm
+    monkeypatch.setattr(training, 'SAVE_INTERVAL', 2)
+    plan = experiments.Plan(experiments.BY_NAME['protonet_5shot'], tmp_path, 6,
+                            ['--num_train_iterations', '6'], 4)
+    job = experiments.jobs(plan)[0]  # training
+    script = ("import pathlib, sys; print('Iteration 4: loss: 1.000'); "
+              "print('Accuracy over 600 test tasks: mean 0.500'); "
+              "pathlib.Path(sys.argv[1], 'state2.pt').touch(); sys.exit(sys.argv[2] == 'fail')")
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def close(self):
+            bars.append(self.n)
+            super().close()
+    monkeypatch.setattr(tqdm, 'tqdm', Recorded)
+    for outcome in ('pass', 'fail'):
+        monkeypatch.setattr(experiments.Job, 'command', lambda self, passthrough: [
+            sys.executable, '-c', script, str(tmp_path), outcome])
+        if outcome == 'pass':
+            job.execute([], 'train')
+        else:
+            with pytest.raises(util.UserError, match=r'failed \(Accuracy over 600 test tasks: '
+                                                     r'mean 0.500\); its output is in'):
+                job.execute([], 'train')
+    assert bars and set(bars) == {3}, bars
+    assert (tmp_path / 'console.log').read_text().count('Iteration 4: loss: 1.000\n') == 2
+
+
 def test_bad_input_is_a_one_line_error(tiny, tmp_path, capsys):
     log_root = tiny[0]
     for argv, message in (
             (['--scale', '2'], "--scale must be 'full', 'tiny' or a fraction in (0, 1], got '2'"),
             (['--only', 'protonet_2shot'], 'no run named protonet_2shot'),
             (['--scale', '0.5', '--log_root', str(log_root), '--only', 'protonet_1shot'],
-             f'{log_root / "protonet_1shot"} holds a run made with --batch_size 1 (this scale: '
-             '16), --num_train_iterations 1 (this scale: 2500)')):
+             f'{log_root / "protonet_1shot"} holds a run made with --num_support 1 --batch_size 1 '
+             '--num_train_iterations 1 (this scale: --num_support 1 --num_train_iterations '
+             '2500)')):
         with pytest.raises(SystemExit) as exit:
             util.cli(lambda: experiments.main(experiments.parse_args(argv)))
         assert exit.value.code == 2

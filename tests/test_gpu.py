@@ -67,7 +67,7 @@ def build(name, device, amp='none', tasks='loop', log_dir='unused'):
         'maml++': lambda: mamlpp.MAMLpp(WAY, 2, 0.4, False, 0.001, log_dir, device,
                                         options=MAMLPP, settings=settings),
         'transfer': lambda: maml_transfer.TransferLearner(
-            0.001, 5, 2.0, log_dir, device, training.RunSettings(amp=amp)),
+            0.001, 5, 2.0, log_dir, device, training.RunSettings(amp=amp), num_way=WAY),
         'metabolism': lambda: protonet.ProtoNet(0.001, log_dir, device, amp=amp, tasks=tasks,
                                                 num_way=2, learner=run_metabolism.FCNet()),
     }[name]()

@@ -1,5 +1,8 @@
-"""grader.py: every graded test passes, with the assignment's ids, points and framing."""
+"""grader.py: every graded test passes, with the assignment's ids, points and framing, and
+writes Gradescope's results.json; hidden tests skip in one line where the solution is absent."""
 import re
+
+from conftest import assert_gradescope_results
 
 import grader
 
@@ -7,22 +10,45 @@ SPEC_POINTS = {'1b-0-hidden': 8, '2a-0-basic': 2, '2a-1-basic': 2, '2a-2-basic':
                '2a-3-hidden': 4, '2b-0-basic': 5, '2b-1-hidden': 7}
 
 
-def test_grader_scores_all_32_points_with_the_assignment_framing(capsys):
-    assert {test_id: points for test_id, _, points, _, _ in grader.TESTS} == SPEC_POINTS
-    assert grader.run([]) == (32, 32)
+def test_grader_scores_all_32_points_with_the_assignment_framing(capsys, tmp_path):
+    assert grader.POINTS == SPEC_POINTS
+    assert [test_id for test_id, *_ in grader.TESTS] == list(SPEC_POINTS)
+    assert grader.run([], gradescope=tmp_path / 'results.json') == (32, 32)
     output = capsys.readouterr().out
     for test_id, points in SPEC_POINTS.items():
         assert f'----- START {test_id}: ' in output
         assert re.search(rf'----- END {test_id} \[took [\d:.]+ \(max allowed \d+ seconds\), '
                          rf'{points}/{points} points\]', output)
     assert output.rstrip().endswith('========== END GRADING [32/32 points]')
+    results = assert_gradescope_results(tmp_path / 'results.json', 32, 32)
+    assert {test['name'].split(':')[0]: (test['visibility'], test['output'])
+            for test in results['tests']} == {
+        test_id: ('after_published' if 'hidden' in test_id else 'visible', 'passed')
+        for test_id in SPEC_POINTS}
 
 
-def test_a_wrong_implementation_loses_the_points(capsys, monkeypatch):
+def test_without_the_solution_hidden_tests_skip_in_one_line_and_visible_ones_count(
+        capsys, tmp_path):
+    visible = ['2a-0-basic', '2a-1-basic']
+    assert grader.run(['1b-0-hidden', *visible], solution_name='no_such_solution',
+                      gradescope=tmp_path / 'results.json') == (4, 4)
+    output = capsys.readouterr().out
+    skip = ('----- SKIP 1b-0-hidden: ProtoNet _step: loss and accuracies equal a plain '
+            'implementation [hidden, 8 points: runs only where the solution module '
+            'no_such_solution imports]')
+    assert skip in output.splitlines() and '----- START 1b-0-hidden' not in output
+    results = assert_gradescope_results(tmp_path / 'results.json', 4, 4)
+    assert results['output'] == skip
+    assert [test['name'].split(':')[0] for test in results['tests']] == visible
+
+
+def test_a_wrong_implementation_loses_the_points(capsys, monkeypatch, tmp_path):
     logits = grader.protonet.prototype_logits  # negated: the farthest prototype wins
     monkeypatch.setattr(grader.protonet, 'prototype_logits', lambda *args: -logits(*args))
-    assert grader.run(['1b-0-hidden']) == (0, 8)
+    assert grader.run(['1b-0-hidden'], gradescope=tmp_path / 'results.json') == (0, 8)
     assert 'FAIL: AssertionError' in capsys.readouterr().out
+    (test,) = assert_gradescope_results(tmp_path / 'results.json', 0, 8)['tests']
+    assert test['status'] == 'failed' and test['output'].startswith('FAIL: AssertionError')
 
 
 def test_prototypes_divided_by_the_number_of_classes_lose_the_points(capsys, monkeypatch):

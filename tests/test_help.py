@@ -8,7 +8,7 @@ import pytest
 import util
 
 SCRIPTS = ['protonet', 'maml', 'maml_transfer', 'run_metabolism', 'experiments', 'report',
-           'grader', 'benchmarks.benchmark', 'benchmarks.course_protonet',
+           'grader', 'homework', 'benchmarks.benchmark', 'benchmarks.course_protonet',
            'benchmarks.time_to_accuracy', 'benchmarks.torchrun_speed']
 
 

@@ -99,6 +99,20 @@ def run_protonet(capsys, *argv):
     return capsys.readouterr().out
 
 
+def test_training_and_validation_run_through_step(tmp_path, monkeypatch):
+    """The graded _step is what trains: each training batch (with gradients) and each
+    validation batch (without) is one call of it."""
+    step, calls = protonet.ProtoNet._step, []
+
+    def counted(self, task_batch, *args, **kwargs):
+        calls.append((len(task_batch), torch.is_grad_enabled()))
+        return step(self, task_batch, *args, **kwargs)
+    monkeypatch.setattr(protonet.ProtoNet, '_step', counted)
+    protonet.main(protonet.parse_args(['--num_query', '1', '--batch_size', '2', '--log_dir',
+                                       str(tmp_path), '--num_train_iterations', '2']))
+    assert calls == [(2, True)] + [(2, False)] * 4 + [(2, True)]  # validation: 8 tasks
+
+
 def test_short_real_training_learns_logs_checkpoints_and_tests(tmp_path, capsys, one_thread):
     log_dir = tmp_path / 'run'
     output = run_protonet(capsys, '--num_support', '5', '--num_query', '5',

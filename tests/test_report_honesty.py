@@ -109,8 +109,8 @@ def test_the_figures_carry_the_reports_numbers(tmp_path, monkeypatch):
         np.testing.assert_allclose(bars[:, 1, 1] - bars[:, 0, 1], 2 * reported[:, 1])
     levels = {slug: {line.get_ydata()[0]: line.get_label() for line in figures[slug].axes[0].lines
                      if len(set(line.get_ydata())) == 1}
-              for slug in ('metabolism', 'fomaml', 'second_handout')}
-    assert levels['metabolism'] == {
+              for slug in ('metabolism_validation', 'fomaml', 'second_handout')}
+    assert levels['metabolism_validation'] == {
         0.76: "the 2022 report's final validation, 0.760 ± 0.004",
         0.72: "the 2023 report's final validation, 0.720 ± 0.004"}
     for slug in ('fomaml', 'second_handout'):

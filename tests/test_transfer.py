@@ -16,6 +16,7 @@ import maml
 import maml_transfer
 import omniglot
 import reference
+import test_device_path
 import training
 import util
 
@@ -34,7 +35,7 @@ def test_transfer_learn_equals_plain_gradient_descent_on_reference_features(omni
     parameters = pretrained_like()
     tasks = reference.to_float64(omniglot_batch(2, 5, 2, 3, seed=4))
     parameters64 = {k: v.detach().double() for k, v in parameters.items()}
-    losses, support, query = maml_transfer.transfer_learn(parameters64, tasks, 7, 0.3, batched)
+    losses, support, query = maml_transfer.transfer_learn(parameters64, tasks, 5, 7, 0.3, batched)
     for i, task in enumerate(tasks):  # each task's own classifier, fitted one task at a time
         loss, support_plain, query_plain = reference.transfer_learn(parameters64, task, 7, 0.3)
         torch.testing.assert_close(losses[i], loss, rtol=1e-10, atol=0)
@@ -46,11 +47,22 @@ def test_transfer_learn_by_hand_and_frozen(omniglot_batch):
     before = {k: v.detach().clone() for k, v in parameters.items()}
     tasks = omniglot_batch(2, 5, 2, 3)
     # no step: the zero classifier gives equal logits, loss log 5, and argmax class 0 (1 in 5)
-    losses, support, query = maml_transfer.transfer_learn(parameters, tasks, 0, 1.0)
+    losses, support, query = maml_transfer.transfer_learn(parameters, tasks, 5, 0, 1.0)
     torch.testing.assert_close(losses, torch.full((2,), math.log(5)))
     assert support.tolist() == query.tolist() == pytest.approx([0.2, 0.2])
-    maml_transfer.transfer_learn(parameters, tasks, 5, 1.0)
+    maml_transfer.transfer_learn(parameters, tasks, 5, 5, 1.0)
     assert all(torch.equal(v, before[k]) and v.grad is None for k, v in parameters.items())
+
+
+@pytest.mark.parametrize('tasks', ['loop', 'batched'])
+def test_an_evaluation_batch_makes_the_host_wait_for_nothing(omniglot_batch, tmp_path, tasks):
+    """The number of ways is given, not read from the labels (a scalar read per batch)."""
+    learner = maml_transfer.TransferLearner(0.001, 3, 1.0, str(tmp_path), 'cpu',
+                                            training.RunSettings(tasks=tasks), num_way=3)
+    batch = omniglot_batch(2, 3, 1, 2)
+    with test_device_path.watched() as recorder:
+        learner._evaluate(batch, train=False)
+    assert not recorder.waits, recorder.waits
 
 
 def test_image_batches_hold_meta_train_characters_with_their_labels():
@@ -71,7 +83,7 @@ def test_image_batches_hold_meta_train_characters_with_their_labels():
 
 def test_pretraining_loss_is_the_1100_way_cross_entropy(tmp_path):
     torch.manual_seed(0)
-    learner = maml_transfer.TransferLearner(0.001, 3, 1.0, str(tmp_path), 'cpu')
+    learner = maml_transfer.TransferLearner(0.001, 3, 1.0, str(tmp_path), 'cpu', num_way=5)
     batch = next(iter(omniglot.get_image_dataloader('train', 8, 8)))
     loss, metrics = learner._evaluate(batch, train=True)
     images, labels = batch[0]
@@ -93,7 +105,8 @@ def pretrain(log_dir, num_iterations, checkpoint_step=-1):
     def build(log_dir, device):
         learners.append(maml_transfer.TransferLearner(args.learning_rate, args.adapt_steps,
                                                       args.adapt_lr, log_dir, device,
-                                                      training.RunSettings(100, 2)))
+                                                      training.RunSettings(100, 2),
+                                                      num_way=args.num_way))
         return learners[0]
     training.main(args, maml_transfer.PretrainingTasks(args.num_way, args.num_support,
                                                        args.num_query, args.seed),
@@ -122,7 +135,7 @@ def test_pretraining_steps_fit_a_batch(tmp_path):
     images take its cross-entropy (log 1100 = 7.0 at the start) down by more than 2 (measured:
     to 4.3)."""
     torch.manual_seed(0)
-    learner = maml_transfer.TransferLearner(0.003, 3, 1.0, str(tmp_path), 'cpu')
+    learner = maml_transfer.TransferLearner(0.003, 3, 1.0, str(tmp_path), 'cpu', num_way=5)
     batch = next(iter(omniglot.get_image_dataloader('train', 16, 16, seed=1)))
     losses = [float(learner._train_step(batch, step)[0]) for step in range(30)]  # loss first
     assert losses[0] == pytest.approx(math.log(1100), rel=0.1)
