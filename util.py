@@ -174,23 +174,34 @@ def make_deterministic(device, amp):
     torch.backends.cudnn.benchmark = False
     if amp == 'none':
         torch.backends.cuda.matmul.fp32_precision = 'ieee'
+        # The old flag too, first (it resets conv's): inductor's max-autotune convolution
+        # templates (--compile) still read it, and reading it raises while it disagrees with
+        # the new ones.
+        torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.conv.fp32_precision = 'ieee'
 
 
-def check_amp(device, amp):
-    """One line for --amp bf16 where the GPU has no bfloat16: a CUDA GPU of compute capability
-    below 8.0 (such as the T4 and V100), where PyTorch emulates it, slower than float32, or
-    fails; Apple's MPS before macOS 14."""
-    if amp != 'bf16':
-        return
+def bf16_problem(device):
+    """Why device has no bfloat16 arithmetic, in words, or None where it has: a CUDA GPU of
+    compute capability below 8.0 (such as the T4 and V100), where PyTorch emulates it, slower
+    than float32, or fails; Apple's MPS before macOS 14. What check_amp refuses --amp bf16 for,
+    and what tests/test_gpu.py and the benchmark skip bfloat16 for."""
     if device.type == 'mps' and not torch.backends.mps.is_macos_or_newer(*MPS_BF16_MIN_MACOS):
-        raise UserError('bfloat16 on Apple GPUs needs macOS 14 or newer; use --amp none')
+        return 'bfloat16 on Apple GPUs needs macOS 14 or newer'
     if device.type != 'cuda':
-        return
+        return None
     major, minor = torch.cuda.get_device_capability(device)
     if major < BF16_MIN_CAPABILITY:
-        raise UserError(f'{torch.cuda.get_device_name(device)} (compute capability '
-                        f'{major}.{minor}) has no bfloat16 arithmetic; use --amp none')
+        return (f'{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) '
+                f'has no bfloat16 arithmetic')
+    return None
+
+
+def check_amp(device, amp):
+    """One line for --amp bf16 where the device has no bfloat16 (bf16_problem)."""
+    problem = bf16_problem(device) if amp == 'bf16' else None
+    if problem:
+        raise UserError(f'{problem}; use --amp none')
 
 
 def check_positive(**values):

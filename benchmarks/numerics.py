@@ -6,7 +6,8 @@ when its largest relative error against float64 is within ACCURACY_MARGIN times 
 own (or within RELATIVE_TOLERANCE). Comparing ours with the reference's float32 result directly
 would fail any change of summation order: second-order MAML in float32 is itself ~1e-2 from
 float64, and on Omniglot's binary images rounding decides ties in max pooling, so the float32
-error of either side varies 100-fold with the weights.
+error of either side varies 100-fold with the weights. The float64 references run on the CPU,
+from copies (Apple's MPS has no float64).
 """
 import functools
 
@@ -30,6 +31,18 @@ BATCHED = ' --tasks batched'  # ends the name of a check or a row of the batched
 TASKS = [('loop', ''), ('batched', BATCHED)]  # each path is checked: (--tasks, name suffix)
 
 
+def exact_copy(tensor):
+    """tensor copied to the CPU, where the float64 references are computed, as it is; then, if
+    floating-point, widened to float64 there (MPS cannot widen to float64 as it copies)."""
+    copy = tensor.detach().to('cpu', copy=True)
+    return copy.double() if copy.is_floating_point() else copy
+
+
+def exact_batch(task_batch):
+    """task_batch's task tuples through exact_copy."""
+    return [tuple(map(exact_copy, task)) for task in task_batch]
+
+
 def largest_relative_error(loss, expected_loss, gradients, expected_gradients):
     """The largest of |loss - expected| / |expected| and ||a - b|| / ||b|| over gradient pairs.
 
@@ -38,14 +51,14 @@ def largest_relative_error(loss, expected_loss, gradients, expected_gradients):
     relative to the norm of the whole gradient instead.
 
     Args:
-        loss, expected_loss (Tensor): 0-dim
-        gradients, expected_gradients (list of Tensor): pairwise the same shapes
+        loss, expected_loss (Tensor): 0-dim; expected_loss float64 on the CPU, loss anywhere
+        gradients, expected_gradients (list of Tensor): pairwise the same shapes, as the losses
     """
     norms = [b.norm().item() for b in expected_gradients]
     whole = float(np.linalg.norm(norms))
-    errors = [((a.double() - b).norm() / (norm if norm >= 1e-3 * max(norms) else whole)).item()
+    errors = [((exact_copy(a) - b).norm() / (norm if norm >= 1e-3 * max(norms) else whole)).item()
               for a, b, norm in zip(gradients, expected_gradients, norms, strict=True)]
-    return max([((loss.double() - expected_loss).abs() / expected_loss.abs()).item(), *errors])
+    return max([((exact_copy(loss) - expected_loss).abs() / expected_loss.abs()).item(), *errors])
 
 
 def loss_and_gradients(loss, parameters):
@@ -79,7 +92,9 @@ def check_protonet(task_batch, seed, device, log_dir):
                                                                tasks=tasks), seed)
     network = learners['loop']._network
     float32 = reference.protonet_network_like(network)
-    float64 = reference.protonet_network_like(network).double()  # exact: a widening
+    float64 = reference.protonet_network_like(network)
+    float64.load_state_dict({key: exact_copy(value) for key, value in
+                             float64.state_dict().items()}, assign=True)
 
     def course_step(network, batch):
         return loss_and_gradients(reference.protonet_step(network, batch)[0],
@@ -89,7 +104,7 @@ def check_protonet(task_batch, seed, device, log_dir):
         parameters = [p for conv, norm in zip(learner._network.convs, learner._network.norms)
                       for p in (*conv.parameters(), *norm.parameters())]
         return loss_and_gradients(learner._step(task_batch)[0], parameters)
-    exact = course_step(float64, reference.to_float64(task_batch))
+    exact = course_step(float64, exact_batch(task_batch))
     return ({tasks: error_against(ours(learner), exact) for tasks, learner in learners.items()},
             error_against(course_step(float32, task_batch), exact))
 
@@ -108,8 +123,8 @@ def check_maml(task_batch, num_inner_steps, first_order, seed, device, log_dir):
     meta_parameters = learners['loop']._meta_parameters
     inner_lrs = dict.fromkeys(meta_parameters, MAML_INNER_LR)
 
-    def course_step(dtype, batch):
-        parameters = reference.leaf_copies(meta_parameters, dtype)
+    def course_step(parameters, batch):
+        """parameters: leaf tensors, on batch's device and of its floating-point dtype."""
         loss = reference.maml_outer_step(parameters, inner_lrs, batch, num_inner_steps,
                                          create_graph=not first_order)[0]
         return loss_and_gradients(loss, parameters.values())
@@ -117,9 +132,11 @@ def check_maml(task_batch, num_inner_steps, first_order, seed, device, log_dir):
     def ours(learner):
         return loss_and_gradients(learner._outer_step(task_batch, train=True)[0],
                                   learner._meta_parameters.values())
-    exact = course_step(torch.float64, reference.to_float64(task_batch))
+    exact = course_step({key: exact_copy(value).requires_grad_()
+                         for key, value in meta_parameters.items()}, exact_batch(task_batch))
     return ({tasks: error_against(ours(learner), exact) for tasks, learner in learners.items()},
-            error_against(course_step(torch.float32, task_batch), exact))
+            error_against(course_step(reference.leaf_copies(meta_parameters), task_batch),
+                          exact))
 
 
 def check_numerics(batch_size, device, log_dir, seeds):

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks import benchmark, numerics, time_to_accuracy
+import layers
+import omniglot
+from benchmarks import benchmark, numerics, time_to_accuracy, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +40,8 @@ def test_quick_benchmark_checks_accuracy_and_prints_every_row():
     assert [name for name, _, _ in checks] == [*CHECKS, *(f'{name} --tasks batched'
                                                           for name in CHECKS)]
     for _, ours, reference in checks:
-        assert 0 < float(reference) and float(ours) <= max(1e-4, 2 * float(reference))
+        assert 0 < float(reference) and float(ours) <= max(
+            numerics.RELATIVE_TOLERANCE, numerics.ACCURACY_MARGIN * float(reference))
     for row in ROWS:
         cells = rf'{NUMBER} \| {NUMBER} \| {NUMBER}x \| {NUMBER} \| {NUMBER}x'
         assert re.search(rf'^\| {re.escape(row)} \| {cells} \|$', result.stdout, re.M), row
@@ -59,6 +63,50 @@ def test_quick_benchmark_checks_accuracy_and_prints_every_row():
         expected = ours / reference if 'tasks/s' in name else reference / ours
         # the speed-up rounds to 0.1, each cell to 3 digits: both errors add
         assert abs(speed_up - expected) <= 0.05 + 0.01 * expected, (name, speed_up, expected)
+
+
+class RecordingBench:
+    """Stands in for benchmark.Bench on a CUDA GPU: every measurement is Result(1, 1), and the
+    --amp of every learner built is recorded in amps."""
+    device = torch.device('cuda')
+    inner_lrs = {}
+
+    def __init__(self):
+        self.amps = []
+
+    def __getattr__(self, name):
+        if name in ('course_protonet', 'course_maml'):
+            return lambda: (None, None)  # (network or parameters, optimizer)
+
+        def method(*args, **kwargs):
+            self.amps += [value for value in (*args, *kwargs.values())
+                          if value in benchmark.AMPS]
+            return benchmark.Result(1.0, 1.0)
+        return method
+
+
+@pytest.mark.parametrize('capability, timed', [((7, 5), ['none']), ((8, 0), ['none', 'bf16'])])
+def test_bf16_is_timed_only_where_the_gpu_has_it(capability, timed, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'a GPU')
+    bench = RecordingBench()
+    rows = benchmark.measure_rows(bench)
+    assert set(bench.amps) == set(timed)
+    assert all((ours_bf16 is not None) == ('bf16' in timed and 'sampling' not in name)
+               for name, (_, _, ours_bf16) in rows.items())
+    lines = benchmark.format_table(rows).splitlines()  # bf16 cells left empty, not a crash
+    loop_against_batched = '| ProtoNet 5w5s: training, s/iter | 1 | 1 | 1.0x |  |  |  |'
+    assert (loop_against_batched in lines) == ('bf16' not in timed)
+
+
+@pytest.mark.parametrize('platform', ['darwin', 'win32'])
+def test_memory_is_n_a_where_the_platform_has_no_peak_to_reset(platform, monkeypatch):
+    monkeypatch.setattr(timing.sys, 'platform', platform)
+    monkeypatch.setattr(timing.ctypes, 'CDLL', lambda name: pytest.fail('glibc is Linux only'))
+    result = timing.measure(lambda: None, 0, 1, torch.device('cpu'))
+    assert result.value >= 0 and result.memory is None
+    rows = {'Task sampling 5w5s: tasks/s': (timing.Result(2.0, 1.0), result, None)}
+    assert '| Task sampling 5w5s: tasks/s | 1 | n/a |  |' in benchmark.format_table(rows)
 
 
 def speed_up_cells(printed):
@@ -83,6 +131,47 @@ def test_relative_error_catches_a_wrong_gradient_and_tolerates_rounding_noise():
     wrong = [gradients[0] * 1.01, gradients[1]]
     assert numerics.largest_relative_error(loss, loss, wrong, gradients) == pytest.approx(0.01)
     assert numerics.largest_relative_error(loss * 1.001, loss, gradients, gradients) > 1e-4
+
+
+class Widenings(TorchDispatchMode):
+    """Counts the conversions of float32 tensors to float64 made outside numerics.exact_copy
+    (which copies to the CPU first: Apple's MPS has no float64)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.elsewhere = 0
+        self.inside = False
+        exact_copy = numerics.exact_copy
+
+        def counted(tensor):
+            self.inside = True
+            try:
+                return exact_copy(tensor)
+            finally:
+                self.inside = False
+        monkeypatch.setattr(numerics, 'exact_copy', counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.ops.aten._to_copy.default and kwargs.get('dtype') == torch.float64
+                and args[0].dtype == torch.float32 and not self.inside):
+            self.elsewhere += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize('check, num_support', [
+    (lambda batch, log_dir: numerics.check_protonet(batch, 0, torch.device('cpu'), log_dir), 5),
+    (lambda batch, log_dir: numerics.check_maml(batch, 1, False, 0, torch.device('cpu'),
+                                                log_dir), 1)], ids=['protonet', 'maml'])
+def test_the_float64_references_widen_cpu_copies(check, num_support, monkeypatch, tmp_path):
+    """As on Apple's MPS: ours computes without float64 (layers.exact_dtype), the references in
+    float64 widen copies on the CPU, and nothing else widens."""
+    monkeypatch.setattr(layers, 'DEVICES_WITHOUT_FLOAT64', (*layers.DEVICES_WITHOUT_FLOAT64, 'cpu'))
+    batch = next(iter(omniglot.get_omniglot_dataloader('train', 2, 5, num_support, 2, 2)))
+    with Widenings(monkeypatch) as widenings:
+        ours, theirs = check(batch, str(tmp_path))
+    assert widenings.elsewhere == 0
+    assert all(0 < error < 1e-3 for error in (*ours.values(), theirs))
 
 
 def test_time_to_accuracy_stops_at_the_first_validation_at_the_target():

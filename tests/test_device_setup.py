@@ -1,8 +1,9 @@
 """What the scripts decide for a GPU, checked on the CPU: checkpoints load on the host, CUDA
 runs repeat themselves (deterministic algorithms, no TF32 in float32), bf16 is refused in one
-line on GPUs without it, and torchrun's NCCL group binds its GPU and lets the data be prepared
-first. tests/test_gpu.py runs the same on a real GPU."""
+line on GPUs without it (and tests/test_gpu.py skips it there), and torchrun's NCCL group binds
+its GPU and lets the data be prepared first. tests/test_gpu.py runs the same on a real GPU."""
 import datetime
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.distributed as dist
 import distributed
 import maml
 import protonet
+import test_gpu
 import util
 
 
@@ -40,20 +42,26 @@ def test_a_checkpoint_loads_on_the_host_and_adam_keeps_its_step_counts_there(bui
     assert not any(group['fused'] for group in learner._optimizer.param_groups)
 
 
+# The global flags that make_deterministic sets, as (namespace, name); the old cuDNN TF32 flag
+# first, as setting it resets the new ones of convolutions and recurrent layers.
+BACKEND_FLAGS = [(torch.backends.cudnn, 'allow_tf32'), (torch.backends.cudnn, 'deterministic'),
+                 (torch.backends.cudnn, 'benchmark'),
+                 (torch.backends.cuda.matmul, 'fp32_precision'),
+                 (torch.backends.cudnn.conv, 'fp32_precision'),
+                 (torch.backends.cudnn.rnn, 'fp32_precision'),
+                 (torch.utils.deterministic, 'fill_uninitialized_memory')]
+
+
 @pytest.fixture
 def restored_backends():
     """Puts back the global flags that make_deterministic sets."""
     saved = (torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
-             torch.utils.deterministic.fill_uninitialized_memory)
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    flags = [getattr(namespace, name) for namespace, name in BACKEND_FLAGS]
     yield
     torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-    torch.utils.deterministic.fill_uninitialized_memory = saved[-1]
-    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-     torch.backends.cuda.matmul.fp32_precision,
-     torch.backends.cudnn.conv.fp32_precision) = saved[2:-1]
+    for (namespace, name), value in zip(BACKEND_FLAGS, flags, strict=True):
+        setattr(namespace, name, value)
 
 
 @pytest.mark.parametrize('amp, precision', [('none', 'ieee'), ('bf16', 'tf32')])
@@ -69,6 +77,15 @@ def test_cuda_runs_are_deterministic_and_float32_has_no_tf32(amp, precision, res
     assert torch.backends.cuda.matmul.fp32_precision == precision
     assert util.os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
     assert not torch.utils.deterministic.fill_uninitialized_memory  # no fill kernel per tensor
+
+
+@pytest.mark.parametrize('amp, allowed', [('none', False), ('bf16', True)])
+def test_the_old_tf32_flag_that_compiled_convolutions_read_agrees(amp, allowed,
+                                                                  restored_backends):
+    """Inductor's max-autotune convolution templates (--compile) read the old flag, which
+    raises while it disagrees with the new ones."""
+    util.make_deterministic(torch.device('cuda'), amp)
+    assert torch.backends.cudnn.allow_tf32 is allowed
 
 
 def test_the_cpu_is_left_as_it_is(restored_backends):
@@ -105,6 +122,31 @@ def test_bf16_on_an_apple_gpu_before_macos_14_is_one_line(macos_14, refused, mon
     with pytest.raises(util.UserError, match='^bfloat16 on Apple GPUs needs macOS 14 or newer; '
                                              'use --amp none$'):
         util.check_amp(torch.device('mps'), 'bf16')
+
+
+@pytest.fixture
+def gpu_without_bf16(monkeypatch):
+    """This machine as one with a T4 (compute capability 7.5) and an Apple GPU on macOS 13."""
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Tesla T4')
+    monkeypatch.setattr(torch.backends.mps, 'is_macos_or_newer', lambda major, minor: False)
+
+
+@pytest.mark.parametrize('device, reason', [
+    ('cuda', 'Tesla T4 (compute capability 7.5) has no bfloat16 arithmetic'),
+    ('mps', 'bfloat16 on Apple GPUs needs macOS 14 or newer')])
+def test_the_gpu_tests_skip_bf16_where_the_scripts_refuse_it(device, reason, gpu_without_bf16):
+    with pytest.raises(pytest.skip.Exception, match=re.escape(reason)):
+        test_gpu.skip_where_bf16_is_refused('bf16', device)
+    test_gpu.skip_where_bf16_is_refused('none', device)  # float32 runs everywhere
+    test_gpu.skip_where_bf16_is_refused(None, device)  # a case without --amp
+
+
+def test_the_gpu_tests_run_bf16_where_it_is_native(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.backends.mps, 'is_macos_or_newer', lambda major, minor: True)
+    for device in 'cuda', 'mps', 'cpu':
+        test_gpu.skip_where_bf16_is_refused('bf16', device)
 
 
 @pytest.fixture
