@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import maml
+import mamlpp
 import protonet
 import reference
 import run_metabolism
@@ -105,7 +106,7 @@ def distinct_lrs_and_norms(model):
     with torch.no_grad():
         for i, value in enumerate(model._inner_lrs.values()):
             value.copy_(0.1 + 0.03 * i + 0.01 * torch.arange(value.numel()).view(value.shape))
-        for value in model._step_norms.values():
+        for value in model._step_norms.values() if isinstance(model, mamlpp.MAMLpp) else ():
             value.add_(0.3 * torch.randn(value.shape, generator=generator, dtype=value.dtype))
     return model
 
@@ -114,12 +115,12 @@ MAML_CONFIGS = {  # name: (MAML's keyword arguments, the training iteration)
     'second order': ({}, 0),
     'learned inner lrs': ({'learn_inner_lrs': True}, 0),
     'first order': ({'first_order': True, 'learn_inner_lrs': True}, 0),
-    'multi-step loss': ({'maml_plus_plus': maml.MAMLPlusPlus(msl_iterations=10)}, 3),
+    'multi-step loss': ({'options': mamlpp.Options(msl_iterations=10)}, 3),
     'derivative-order annealing, first-order part': (
-        {'maml_plus_plus': maml.MAMLPlusPlus(first_order_iterations=5)}, 2),
-    'per-step inner lrs': ({'maml_plus_plus': maml.MAMLPlusPlus(per_step_inner_lrs=True)}, 0),
-    'per-step batch norm': ({'maml_plus_plus': maml.MAMLPlusPlus(per_step_bn=True)}, 0),
-    'all of MAML++': ({'maml_plus_plus': maml.MAMLPlusPlus(msl_iterations=10, first_order_iterations=2,
+        {'options': mamlpp.Options(first_order_iterations=5)}, 2),
+    'per-step inner lrs': ({'options': mamlpp.Options(per_step_inner_lrs=True)}, 0),
+    'per-step batch norm': ({'options': mamlpp.Options(per_step_bn=True)}, 0),
+    'all of MAML++': ({'options': mamlpp.Options(msl_iterations=10, first_order_iterations=2,
                                              per_step_inner_lrs=True, per_step_bn=True,
                                              cosine_iterations=10)}, 4),
 }
@@ -155,7 +156,8 @@ def test_maml_batched_equals_the_loop_in_float64(tmp_path, omniglot_batch, confi
     results = {}
     for tasks in ('loop', 'batched'):
         torch.manual_seed(0)
-        model = distinct_lrs_and_norms(reference.maml_in_float64(maml.MAML(
+        learner = mamlpp.MAMLpp if 'options' in options else maml.MAML
+        model = distinct_lrs_and_norms(reference.maml_in_float64(learner(
             NUM_WAY, num_inner_steps, 0.4, outer_lr=0.001, log_dir=str(tmp_path), device='cpu',
             settings=training.RunSettings(tasks=tasks),
             **{'learn_inner_lrs': False, **options})))

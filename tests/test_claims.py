@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import maml
+import mamlpp
 import maml_transfer
 import metabolism
 import protonet
@@ -123,7 +124,7 @@ def test_mamlpp_options_alone_and_together_train_through_maml_py(tmp_path, optio
     is the pre-adaptation one)."""
     args = parse(maml.add_maml_args, *TASKS, *options, '--num_inner_steps', num_inner_steps,
                  '--num_train_iterations', 7, '--log_dir', tmp_path)
-    plus = maml.maml_plus_plus(args)
+    plus = mamlpp.options(args)
     printed = quietly(maml.main, args)
     state = trained_finite(tmp_path, ['meta_parameters', 'inner_lrs'])
     rows = max(num_inner_steps, 1)

@@ -26,6 +26,7 @@ import torch
 
 import float64_run
 import maml
+import mamlpp
 import maml_transfer
 import metabolism
 import omniglot
@@ -58,8 +59,8 @@ UNIT_ROUNDOFF = {'none': 2.0 ** -24, 'bf16': 2.0 ** -8}
 SPREAD = 3
 FLOOR_ROUNDINGS = 4
 WAY, SHOT, QUERY, BATCH = 3, 2, 3, 4
-PLUS_PLUS = maml.MAMLPlusPlus(msl_iterations=10, per_step_inner_lrs=True, per_step_bn=True,
-                          cosine_iterations=10)
+MAMLPP = mamlpp.Options(msl_iterations=10, per_step_inner_lrs=True, per_step_bn=True,
+                           cosine_iterations=10)
 
 
 def skip_where_bf16_is_refused(amp, device):
@@ -84,7 +85,8 @@ def build(name, device, amp='none', tasks='loop', log_dir='unused'):
         'maml learned lrs': lambda: maml.MAML(WAY, 2, 0.4, True, 0.001, log_dir, device,
                                               settings=settings),
         'maml first order': lambda: maml_learner(first_order=True),
-        'maml++': lambda: maml_learner(maml_plus_plus=PLUS_PLUS),
+        'maml++': lambda: mamlpp.MAMLpp(WAY, 2, 0.4, False, 0.001, log_dir, device,
+                                        options=MAMLPP, settings=settings),
         'transfer': lambda: maml_transfer.TransferLearner(
             0.001, 5, 2.0, log_dir, device, training.RunSettings(amp=amp), num_way=WAY),
         'metabolism': lambda: protonet.ProtoNet(0.001, log_dir, device, amp=amp, tasks=tasks,

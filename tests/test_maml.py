@@ -7,12 +7,14 @@ reference.py and against central finite differences of our own objective; the re
 Omniglot tasks.
 """
 import argparse
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import maml
+import mamlpp
 import omniglot
 import protonet
 import reference
@@ -244,7 +246,7 @@ def parse(argv):
 
 
 def train(log_dir, num_iterations, checkpoint_step, save_interval,
-          maml_plus_plus=maml.MAMLPlusPlus(), num_inner_steps=1):
+          options=None, num_inner_steps=1):
     """Trains a tiny MAML through training.main, as maml.main does; returns it."""
     args = parse(['--log_dir', str(log_dir), '--num_way', '3', '--num_support', '1',
                   '--num_query', '2', '--batch_size', '2', '--learn_inner_lrs',
@@ -254,14 +256,39 @@ def train(log_dir, num_iterations, checkpoint_step, save_interval,
     models = []
 
     def build(log_dir, device):
-        models.append(maml.MAML(args.num_way, args.num_inner_steps, args.inner_lr,
-                                args.learn_inner_lrs, 0.01, log_dir, device,
-                                maml_plus_plus=maml_plus_plus,
-                                settings=training.RunSettings(save_interval=save_interval)))
+        arguments = (args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs,
+                     0.01, log_dir, device)
+        settings = training.RunSettings(save_interval=save_interval)
+        models.append(mamlpp.MAMLpp(*arguments, options=options, settings=settings) if options
+                      else maml.MAML(*arguments, settings=settings))
         return models[0]
     training.main(args, omniglot.OmniglotTasks(args.num_way, args.num_support, args.num_query,
                                                args.seed), build, 'unused')
     return models[0]
+
+
+def test_training_calls_outer_step_once_per_batch_and_inner_loop_once_per_task(tmp_path,
+                                                                                monkeypatch):
+    """The graded methods are the code that trains: in the loop path, every training batch
+    goes through _outer_step once and each of its tasks through _inner_loop once (and the
+    validation and --test tasks likewise, with train=False)."""
+    calls = []
+
+    def spy(name):
+        method = getattr(maml.MAML, name)
+
+        def counted(*args, **kwargs):
+            calls.append((name, inspect.signature(method).bind(*args, **kwargs).arguments['train']))
+            return method(*args, **kwargs)
+        monkeypatch.setattr(maml.MAML, name, counted)
+    spy('_outer_step')
+    spy('_inner_loop')
+    model = train(tmp_path, num_iterations=3, checkpoint_step=-1, save_interval=100)
+    assert not model._batched
+    assert calls.count(('_outer_step', True)) == 3  # batches of 2 tasks
+    assert calls.count(('_inner_loop', True)) == 3 * 2
+    assert calls.count(('_outer_step', False)) == 4  # step 0's validation: 8 tasks
+    assert calls.count(('_inner_loop', False)) == 8
 
 
 def test_resume_continues_training_exactly(tmp_path):
@@ -330,9 +357,9 @@ def test_a_checkpoint_of_another_model_is_one_line(tmp_path, one_line_error):
 def plus_model(tmp_path, num_inner_steps, plus, first_order=False):
     """A float64 MAML with the given MAML++ options, seeded."""
     torch.manual_seed(0)
-    return reference.maml_in_float64(maml.MAML(NUM_WAY, num_inner_steps, 0.4, False, 0.001,
-                                               str(tmp_path), 'cpu', first_order,
-                                               maml_plus_plus=plus))
+    return reference.maml_in_float64(mamlpp.MAMLpp(NUM_WAY, num_inner_steps, 0.4, False, 0.001,
+                                                   str(tmp_path), 'cpu', first_order,
+                                                   options=plus))
 
 
 def weights_after_each_step(parameters, lrs, images, labels, num_steps):
@@ -344,15 +371,15 @@ def weights_after_each_step(parameters, lrs, images, labels, num_steps):
 def test_multi_step_loss_weights_worked_out_by_hand():
     # 5 steps: uniform 0.2; halfway, non-final 0.2 - 0.1, final 0.2 + 0.5 * 4 * 0.2; at the end
     # the floor 0.03 / 5 and 1 - 4 * 0.006.
-    assert maml.multi_step_loss_weights(5, 0) == pytest.approx([0.2] * 5)
-    assert maml.multi_step_loss_weights(5, 0.5) == pytest.approx([0.1] * 4 + [0.6])
-    assert maml.multi_step_loss_weights(5, 1) == pytest.approx([0.006] * 4 + [0.976])
-    assert maml.multi_step_loss_weights(1, 0.3) == pytest.approx([1.0])
+    assert mamlpp.multi_step_loss_weights(5, 0) == pytest.approx([0.2] * 5)
+    assert mamlpp.multi_step_loss_weights(5, 0.5) == pytest.approx([0.1] * 4 + [0.6])
+    assert mamlpp.multi_step_loss_weights(5, 1) == pytest.approx([0.006] * 4 + [0.976])
+    assert mamlpp.multi_step_loss_weights(1, 0.3) == pytest.approx([1.0])
 
 
 def test_multi_step_loss_is_the_weighted_sum_worked_out_by_hand(tmp_path):
     tasks = tiny_tasks(seed=3)
-    model = plus_model(tmp_path, 3, maml.MAMLPlusPlus(msl_iterations=10))
+    model = plus_model(tmp_path, 3, mamlpp.Options(msl_iterations=10))
     model._iteration = 5  # halfway: weights 1/3 - 1/6, 1/3 - 1/6, 1/3 + 0.5 * 2/3
     weights = [1 / 6, 1 / 6, 2 / 3]
     parameters, lrs = (reference.leaf_copies(tensors) for tensors in values(model))
@@ -377,7 +404,7 @@ def test_multi_step_loss_is_the_weighted_sum_worked_out_by_hand(tmp_path):
 
 def test_per_step_inner_lrs_are_used_step_by_step_and_learned(tmp_path):
     xs, ys, xq, yq = tiny_tasks(num_tasks=1, seed=4)[0]
-    model = plus_model(tmp_path, 3, maml.MAMLPlusPlus(per_step_inner_lrs=True))
+    model = plus_model(tmp_path, 3, mamlpp.Options(per_step_inner_lrs=True))
     with torch.no_grad():
         for i, value in enumerate(model._inner_lrs.values()):
             assert value.shape == (3,) and value.requires_grad
@@ -396,7 +423,7 @@ def test_per_step_inner_lrs_are_used_step_by_step_and_learned(tmp_path):
 
 def test_per_step_batch_norm_is_learned_and_each_row_is_used(tmp_path):
     tasks = tiny_tasks(seed=5)
-    model = plus_model(tmp_path, 2, maml.MAMLPlusPlus(per_step_bn=True))
+    model = plus_model(tmp_path, 2, mamlpp.Options(per_step_bn=True))
     norms = model._step_norms
     assert sorted(norms) == sorted(f'{n}{i}' for i in range(4) for n in ('gamma', 'beta'))
     assert all(v.shape == (2, 32) and v.requires_grad for v in norms.values())
@@ -415,8 +442,8 @@ def test_per_step_batch_norm_is_learned_and_each_row_is_used(tmp_path):
 def test_neutral_options_compute_plain_maml_bit_for_bit(tmp_path):
     """Per-step rates all equal to the plain one and batch norm 1 and 0: the same numbers."""
     tasks = tiny_tasks(seed=6)
-    plain = plus_model(tmp_path, 2, maml.MAMLPlusPlus())
-    plus = plus_model(tmp_path, 2, maml.MAMLPlusPlus(per_step_inner_lrs=True, per_step_bn=True,
+    plain = plus_model(tmp_path, 2, mamlpp.Options())
+    plus = plus_model(tmp_path, 2, mamlpp.Options(per_step_inner_lrs=True, per_step_bn=True,
                                                  first_order_iterations=0, msl_iterations=0))
     results = [meta_gradient(model, tasks)[0] for model in (plain, plus)]
     assert_dicts_close(results[1], results[0], rtol=0, atol=0)
@@ -426,7 +453,7 @@ def test_derivative_order_switches_at_the_configured_iteration(tmp_path):
     """Before the switch the meta-gradient is the reference's first-order one, from it the
     reference's second-order one (reference.maml_outer_step with and without create_graph)."""
     tasks = tiny_tasks(seed=7)
-    parameters, lrs = values(plus_model(tmp_path, 2, maml.MAMLPlusPlus()))
+    parameters, lrs = values(plus_model(tmp_path, 2, mamlpp.Options()))
     expected = {}
     for first_order in (True, False):
         leaves = reference.leaf_copies(parameters)
@@ -436,14 +463,14 @@ def test_derivative_order_switches_at_the_configured_iteration(tmp_path):
     for k in KEYS:  # the two differ, so each comparison below can fail
         assert (expected[True][k] - expected[False][k]).norm() > 1e-3 * expected[False][k].norm()
     for iteration, first_order in [(0, True), (3, True), (4, False), (9, False)]:
-        model = plus_model(tmp_path, 2, maml.MAMLPlusPlus(first_order_iterations=4))
+        model = plus_model(tmp_path, 2, mamlpp.Options(first_order_iterations=4))
         model._iteration = iteration
         assert_dicts_close(meta_gradient(model, tasks)[0], expected[first_order], rtol=1e-9,
                            atol=1e-12)
 
 
 def test_outer_learning_rate_follows_the_cosine(tmp_path):
-    model = plus_model(tmp_path, 1, maml.MAMLPlusPlus(cosine_iterations=6))
+    model = plus_model(tmp_path, 1, mamlpp.Options(cosine_iterations=6))
     theirs = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.001)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(theirs, T_max=6, eta_min=1e-5)
     for step in range(8):  # past the end, the rate stays at its minimum
@@ -457,7 +484,7 @@ def test_outer_learning_rate_follows_the_cosine(tmp_path):
 def test_mamlpp_checkpoints_every_parameter_and_resumes_exactly(tmp_path):
     """Resumed at 3, across the end of the multi-step loss (5), the switch to second order (5)
     and the cosine (6): the same parameters as training straight through."""
-    plus = maml.MAMLPlusPlus(msl_iterations=5, first_order_iterations=5, per_step_inner_lrs=True,
+    plus = mamlpp.Options(msl_iterations=5, first_order_iterations=5, per_step_inner_lrs=True,
                          per_step_bn=True, cosine_iterations=6)
     straight = train(tmp_path / 'a', 7, -1, 3, plus, num_inner_steps=2)
     train(tmp_path / 'b', 4, -1, 3, plus, num_inner_steps=2)
@@ -477,21 +504,21 @@ def test_mamlpp_checkpoints_every_parameter_and_resumes_exactly(tmp_path):
 
 def test_mamlpp_flags_and_log_dir():
     args = parse(['--mamlpp', '--num_train_iterations', '3000'])
-    assert maml.maml_plus_plus(args) == maml.MAMLPlusPlus(
+    assert mamlpp.options(args) == mamlpp.Options(
         msl_iterations=240, first_order_iterations=1000, per_step_inner_lrs=True,
         per_step_bn=True, cosine_iterations=3000)
     assert maml.default_log_dir(args).endswith('.batch_size_16.mamlpp_True')
     args = parse(['--per_step_bn', '--cosine_outer_lr'])
-    assert maml.maml_plus_plus(args) == maml.MAMLPlusPlus(per_step_bn=True, cosine_iterations=15000)
+    assert mamlpp.options(args) == mamlpp.Options(per_step_bn=True, cosine_iterations=15000)
     assert maml.default_log_dir(args).endswith('.per_step_bn_True.cosine_outer_lr_True')
-    assert maml.maml_plus_plus(parse([])) == maml.MAMLPlusPlus()
+    assert mamlpp.options(parse([])) is None
 
 
 def test_mamlpp_checkpoint_with_other_inner_steps_is_a_clear_error(tmp_path):
-    maml.MAML(NUM_WAY, 2, 0.4, False, 0.001, str(tmp_path), 'cpu',
-              maml_plus_plus=maml.MAMLPlusPlus(per_step_inner_lrs=True))._save(0)
-    tested = maml.MAML(NUM_WAY, 5, 0.4, False, 0.001, str(tmp_path), 'cpu',
-                       maml_plus_plus=maml.MAMLPlusPlus(per_step_inner_lrs=True))
+    mamlpp.MAMLpp(NUM_WAY, 2, 0.4, False, 0.001, str(tmp_path), 'cpu',
+                  options=mamlpp.Options(per_step_inner_lrs=True))._save(0)
+    tested = mamlpp.MAMLpp(NUM_WAY, 5, 0.4, False, 0.001, str(tmp_path), 'cpu',
+                           options=mamlpp.Options(per_step_inner_lrs=True))
     with pytest.raises(util.UserError, match='per-step-lrs-2 model, but these flags build a '
                                              '.*per-step-lrs-5 model'):
         tested.load(0)
