@@ -186,6 +186,7 @@ class MAML(training.MetaLearner):
         with torch.set_grad_enabled(train):
             parameters = {key: value if train else value.detach()
                           for key, value in self._meta_parameters.items()}
+            ### START CODE HERE ###
             trajectory, accuracies, gradients = [], [], {}
             for step in range(self._num_inner_steps):
                 gradients, logits = torch.func.grad(self._support_loss, has_aux=True)(
@@ -200,6 +201,7 @@ class MAML(training.MetaLearner):
             with torch.no_grad():
                 accuracies.append(util.accuracy_per_task(self._forward(images, parameters),
                                                          labels))
+            ### END CODE HERE ###
         return trajectory if every_step else parameters, accuracies, tuple(gradients.values())
 
     def _support_loss(self, parameters, images, labels, step):
@@ -249,10 +251,12 @@ class MAML(training.MetaLearner):
             query loss (0-dim Tensor), support accuracies (num_inner_steps + 1,), query
             accuracy (0-dim)
         """
+        ### START CODE HERE ###
         parameters, accuracies, _ = self._inner_loop(images_support, labels_support, train)
         logits = self._forward(images_query, parameters)
         return (cross_entropy(logits, labels_query), torch.stack(accuracies),
                 util.accuracy_per_task(logits, labels_query))
+        ### END CODE HERE ###
 
     def _evaluate(self, task_batch, train):
         """The training loop's interface to _outer_step: its per-task metrics."""

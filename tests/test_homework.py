@@ -136,9 +136,7 @@ SCRIPTS = [  # (script and flags but the log folder's, the function its first bl
     (['maml_transfer.py', '--num_train_iterations', '2', '--batch_size', '4'], 'transfer_learn'),
     (['run_metabolism.py', '--batch_size', '2'], 'ProtoNet._step'),
     (['experiments.py', '--scale', 'tiny', '--only', 'protonet_5shot'], 'ProtoNet._step'),
-    pytest.param(['maml.py', '--num_train_iterations', '2', '--batch_size', '2'],
-                 'MAML._outer_step', marks=pytest.mark.skipif(
-                     not is_marked('maml.py'), reason='maml.py has no graded region yet'))]
+    (['maml.py', '--num_train_iterations', '2', '--batch_size', '2'], 'MAML._task')]
 
 
 @pytest.mark.parametrize('script, name', SCRIPTS)
