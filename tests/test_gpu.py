@@ -18,6 +18,7 @@ import functools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,41 @@ def test_a_training_step_makes_no_host_device_sync(name, amp, tasks):
     finally:
         torch.cuda.set_sync_debug_mode('default')
     assert summary.is_cuda and torch.isfinite(summary).all()
+
+
+def synchronize(device):
+    (torch.cuda if device == 'cuda' else torch.mps).synchronize()
+
+
+def median_step_seconds(tasks, device, warmup=2, repeats=5):
+    """The median time of MAML 5-way 1-shot training steps (15 queries, a batch of 16) with
+    --tasks tasks on device, after warmup steps."""
+    torch.manual_seed(0)
+    learner = maml.MAML(5, 1, 0.4, False, 0.001, 'unused', device,
+                        settings=training.RunSettings(tasks=tasks))
+    batches = omniglot.get_omniglot_dataloader('train', 16, 5, 1, 15, 16 * (warmup + repeats),
+                                               device=device)
+    seconds = []
+    for step, batch in enumerate(batches):
+        synchronize(device)
+        start = time.perf_counter()
+        learner._train_step(batch, step)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds[warmup:]))
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_auto_tasks_picks_the_faster_way_on_this_gpu(device, capsys):
+    """--tasks auto's choice (training.AUTO_TASKS, set by the operation count until a GPU timed
+    both ways) against both timed here. Prints both; fails where the other way is more than 10%
+    faster: then flip AUTO_TASKS for this device type and say so in benchmarks/README.md."""
+    seconds = {tasks: median_step_seconds(tasks, device) for tasks in ('loop', 'batched')}
+    picked = training.AUTO_TASKS.get(device, 'loop')
+    with capsys.disabled():
+        print(f'\n--tasks on {device}: loop {1e3 * seconds["loop"]:.1f} ms, batched '
+              f'{1e3 * seconds["batched"]:.1f} ms per step; auto picks {picked}')
+    assert seconds[picked] <= 1.1 * min(seconds.values()), seconds
 
 
 SCRIPTS = {'protonet': (protonet, ['--num_way', '3', '--num_support', '1', '--num_query', '2',
