@@ -293,12 +293,23 @@ def count_operations(bench):
             for name, (_, ours, num_support) in training_setups(bench).items()}
 
 
+def bf16_skipped(sizes, device):
+    """Why the bf16 columns stay empty, or None: a device without bfloat16, where the scripts
+    refuse it (util.bf16_problem), or --quick on the CPU, whose bfloat16 is emulated (seconds
+    per MAML step here: most of the quick run's time)."""
+    if problem := util.bf16_problem(device):
+        return problem
+    if sizes is QUICK and device.type == 'cpu':
+        return '--quick on the CPU, where bfloat16 is emulated (the full run times it)'
+    return None
+
+
 def measure_rows(bench):
     """Every row of the table: {row name: (reference, ours fp32, ours bf16 or None)}. A row of
     ours with --tasks batched follows its loop row and shares its reference measurement. No
-    bf16 on a device without bfloat16 (util.bf16_problem), where the scripts refuse it."""
+    bf16 where bf16_skipped says why."""
     rows = {}
-    bf16_problem = util.bf16_problem(bench.device)
+    bf16_problem = bf16_skipped(bench.sizes, bench.device)
 
     def each_amp(measure_ours):
         """(ours fp32, ours bf16 or None): measure_ours(amp) -> Result for each of AMPS."""
@@ -424,7 +435,7 @@ def main(args):
     print(f'\nMachine: {machine(device)}; batch of {sizes.batch_size} tasks, 15 queries per '
           f'class; median of {sizes.repeats} iterations after {sizes.warmup} warm-up; this '
           f'process held {mib(start_memory)} MiB before the rows.\n')
-    if problem := util.bf16_problem(device):
+    if problem := bf16_skipped(sizes, device):
         print(f'No bf16 columns: {problem}.\n')
     print(format_table(rows, operations, sizes.batch_size))
 

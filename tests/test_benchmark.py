@@ -42,14 +42,15 @@ def test_quick_benchmark_checks_accuracy_and_prints_every_row():
     for _, ours, reference in checks:
         assert 0 < float(reference) and float(ours) <= max(
             numerics.RELATIVE_TOLERANCE, numerics.ACCURACY_MARGIN * float(reference))
-    for row in ROWS:
-        cells = rf'{NUMBER} \| {NUMBER} \| {NUMBER}x \| {NUMBER} \| {NUMBER}x'
+    assert 'No bf16 columns: --quick on the CPU' in result.stdout
+    for row in ROWS:  # bf16 cells empty: --quick on the CPU
+        cells = rf'{NUMBER} \| {NUMBER} \| {NUMBER}x \|  \| '
         assert re.search(rf'^\| {re.escape(row)} \| {cells} \|$', result.stdout, re.M), row
     for row in 'Task sampling 5w5s', 'Metabolism sampling 2w5s10q':
         assert re.search(rf'^\| {row}: tasks/s \| {NUMBER} \| {NUMBER} \| {NUMBER}x \|',
                          result.stdout, re.M), row
-    for row in BATCHED_ROWS:  # loop, batched and the speed-up, in fp32 and bf16
-        cells = rf'{NUMBER} \| {NUMBER} \| {NUMBER}x \| {NUMBER} \| {NUMBER} \| {NUMBER}x'
+    for row in BATCHED_ROWS:  # loop, batched and the speed-up in fp32; bf16 empty
+        cells = rf'{NUMBER} \| {NUMBER} \| {NUMBER}x \|  \|  \| '
         assert re.search(rf'^\| {re.escape(row)} \| {cells} \|$', result.stdout, re.M), row
     memory_rows = re.findall(r'^\| [^|]+ \| \d+ \| \d+ \| \d* \|$', result.stdout, re.M)
     assert len(memory_rows) == len(ROWS) + 2
@@ -57,7 +58,7 @@ def test_quick_benchmark_checks_accuracy_and_prints_every_row():
     for name in CHECKS:
         assert re.search(rf'^\| {name} \| [1-9]\d* \| [1-9]\d* \|$', result.stdout, re.M), name
     speed_ups = speed_up_cells(result.stdout)
-    assert len(speed_ups) == 2 * len(ROWS) + 2 + 2 * len(BATCHED_ROWS)
+    assert len(speed_ups) == len(ROWS) + 2 + len(BATCHED_ROWS)
     for name, reference, ours, speed_up in speed_ups:  # each is the ratio of its two cells
         assert reference > 0 and ours > 0, name
         expected = ours / reference if 'tasks/s' in name else reference / ours
