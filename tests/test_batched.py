@@ -191,24 +191,25 @@ def autocast_results(learner, task_batch):
 @pytest.mark.parametrize('learner', ['ProtoNet', 'MAML 2 steps'])
 def test_batched_bf16_is_close_to_float32_as_the_loop_s(tmp_path, omniglot_batch, learner):
     """bfloat16 autocast on the batched path computes in bfloat16 (it differs from float32) and
-    is as close to float32 as the loop's bfloat16."""
-    task_batch = omniglot_batch(4, 5, 1 if learner == 'MAML 2 steps' else 5, 15, seed=2)
+    is as close to float32 as the loop's bfloat16. A small batch (4 tasks, 5 queries: bfloat16 is
+    emulated on the CPU, seconds per step): the gradient's cosine to float32's, 0.99 on this
+    batch, falls to 0.97 on others of this size, in both paths alike."""
+    task_batch = omniglot_batch(4, 5, 1 if learner == 'MAML 2 steps' else 5, 5, seed=2)
     results = {}
-    for amp in training.AMP_CHOICES:
-        for tasks in ('loop', 'batched'):
-            torch.manual_seed(0)  # the same weights for all
-            model = (protonet.ProtoNet(0.001, str(tmp_path), 'cpu', amp=amp, tasks=tasks)
-                     if learner == 'ProtoNet' else
-                     maml.MAML(5, 2, 0.4, True, 0.001, str(tmp_path), 'cpu',
-                               settings=training.RunSettings(amp=amp, tasks=tasks)))
-            results[amp, tasks] = autocast_results(model, task_batch)
+    for amp, tasks in [('none', 'batched'), ('bf16', 'loop'), ('bf16', 'batched')]:
+        torch.manual_seed(0)  # the same weights for all
+        model = (protonet.ProtoNet(0.001, str(tmp_path), 'cpu', amp=amp, tasks=tasks)
+                 if learner == 'ProtoNet' else
+                 maml.MAML(5, 2, 0.4, True, 0.001, str(tmp_path), 'cpu',
+                           settings=training.RunSettings(amp=amp, tasks=tasks)))
+        results[amp, tasks] = autocast_results(model, task_batch)
     loss32, gradient32 = results['none', 'batched']
     for tasks in ('loop', 'batched'):
         loss16, gradient16 = results['bf16', tasks]
         results[tasks] = (abs(loss16 / loss32 - 1),
                           F.cosine_similarity(gradient16, gradient32, dim=0).item())
     loss_error, cosine = results['batched']
-    assert 0 < loss_error < 0.02 and cosine > 0.98
+    assert 0 < loss_error < 0.02 and cosine > 0.95
     assert loss_error <= 2 * results['loop'][0] + 1e-3
     assert 1 - cosine <= 2 * (1 - results['loop'][1]) + 1e-3
 
