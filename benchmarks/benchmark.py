@@ -46,8 +46,8 @@ class Sizes:
     """How much each row measures: training iterations (warm-up, then timed), passes over the
     validation tasks (at full size batch_size * 4, as the scripts validate) and over the test
     tasks (one warm-up, then timed), batches sampled, the transfer baseline's adaptation steps
-    (maml_transfer.py's 100 at full size); and the seeds of the weights the accuracy checks
-    draw."""
+    (maml_transfer.py's 100 at full size); the seeds of the weights the accuracy checks draw;
+    and the Omniglot tasks' queries per class (the course's 15 at full size)."""
     batch_size: int
     warmup: int
     repeats: int
@@ -57,10 +57,11 @@ class Sizes:
     sampling_batches: int
     adapt_steps: int
     seeds: tuple
+    num_query: int
 
 
 FULL = Sizes(batch_size=16, warmup=2, repeats=7, eval_passes=3, val_tasks=64, test_tasks=100,
-             sampling_batches=30, adapt_steps=100, seeds=(0, 1, 2))
+             sampling_batches=30, adapt_steps=100, seeds=(0, 1, 2), num_query=15)
 # Metabolism tasks as run_bio.sh draws them: batches of 4 tasks, 2-way 5-shot 10-query, from
 # data sets of the TDC training sets' sizes (CYP1A2, 3A4, 2D6 Veith; 2C9, 2D6 substrates).
 METABOLISM_BATCH, METABOLISM_SHOTS = 4, (5, 10)
@@ -68,8 +69,9 @@ METABOLISM_SIZES = (12579, 12328, 13130, 669, 667)
 # The quick mode's accuracy checks take the weights of FULL's three seeds: one seed's error
 # ratio (ours against the reference, two draws of rounding) can pass 2x by chance. Its rows time
 # one iteration without a warm-up (first-call costs included): they check the table, not speed.
+# 5 queries per class: the float64 references cost a third of 15's.
 QUICK = Sizes(batch_size=2, warmup=0, repeats=1, eval_passes=1, val_tasks=2, test_tasks=2,
-              sampling_batches=2, adapt_steps=3, seeds=FULL.seeds)
+              sampling_batches=2, adapt_steps=3, seeds=FULL.seeds, num_query=5)
 
 
 # ----- what is measured -----
@@ -99,12 +101,13 @@ class Bench:
         self.inner_lrs = dict.fromkeys(reference.MAML_KEYS, MAML_INNER_LR)
 
     def ours_loader(self, split, batch_size, num_way, num_support, num_tasks):
-        return omniglot.get_omniglot_dataloader(split, batch_size, num_way, num_support, 15,
-                                                num_tasks, device=self.device)
+        return omniglot.get_omniglot_dataloader(split, batch_size, num_way, num_support,
+                                                self.sizes.num_query, num_tasks,
+                                                device=self.device)
 
     def course_loader(self, split, batch_size, num_way, num_support, num_tasks):
-        return course_dataloader(self.folder, split, batch_size, num_way, num_support, 15,
-                                 num_tasks)
+        return course_dataloader(self.folder, split, batch_size, num_way, num_support,
+                                 self.sizes.num_query, num_tasks)
 
     def num_training_tasks(self):
         return self.sizes.batch_size * (self.sizes.warmup + self.sizes.repeats)
@@ -252,7 +255,7 @@ class Bench:
         return self.metabolism_sampling(lambda set_idxs: reference.metabolism_tasks(
             features, class_rows, set_idxs, *METABOLISM_SHOTS, generator))
 
-    # task sampling, 5-way 5-shot 15-query
+    # task sampling, 5-way 5-shot
     def ours_sampling(self):
         num_batches = self.sizes.sampling_batches
         loader = self.ours_loader('train', self.sizes.batch_size, 5, 5,
@@ -424,7 +427,8 @@ def main(args):
         folder = os.path.join(work, 'omniglot_resized')
         write_png_folder(omniglot.prepare(), folder)
         bench = Bench(folder, sizes, device, os.path.join(work, 'logs'))
-        if not check_numerics(sizes.batch_size, device, bench.log_dir, sizes.seeds):
+        if not check_numerics(sizes.batch_size, sizes.num_query, device, bench.log_dir,
+                              sizes.seeds):
             print('error: ours is less accurate than the reference; see above',
                   file=sys.stderr)
             sys.exit(1)
@@ -432,7 +436,7 @@ def main(args):
         start_memory = memory_mib(device, peak=False)
         rows = measure_rows(bench)
         operations = count_operations(bench)
-    print(f'\nMachine: {machine(device)}; batch of {sizes.batch_size} tasks, 15 queries per '
+    print(f'\nMachine: {machine(device)}; batch of {sizes.batch_size} tasks, {sizes.num_query} queries per '
           f'class; median of {sizes.repeats} iterations after {sizes.warmup} warm-up; this '
           f'process held {mib(start_memory)} MiB before the rows.\n')
     if problem := bf16_skipped(sizes, device):

@@ -139,13 +139,13 @@ def check_maml(task_batch, num_inner_steps, first_order, seed, device, log_dir):
                           exact))
 
 
-def check_numerics(batch_size, device, log_dir, seeds):
-    """Every accuracy check on one seeded batch of batch_size tasks, for weights drawn with each
-    seed, each path of ours against the same reference computations; prints them; True if all
-    pass."""
+def check_numerics(batch_size, num_query, device, log_dir, seeds):
+    """Every accuracy check on one seeded batch of batch_size tasks, num_query queries per
+    class, for weights drawn with each seed, each path of ours against the same reference
+    computations; prints them; True if all pass."""
     def task_batch(num_support):
         return next(iter(omniglot.get_omniglot_dataloader('train', batch_size, 5, num_support,
-                                                          15, batch_size, device=device)))
+                                                          num_query, batch_size, device=device)))
     checks = {'ProtoNet 5w5s': functools.partial(check_protonet, task_batch(5))}
     for name, num_inner_steps, first_order in MAML_ROWS:
         checks[name] = functools.partial(check_maml, task_batch(1), num_inner_steps, first_order)
