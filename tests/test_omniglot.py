@@ -222,21 +222,30 @@ def test_the_assignment_s_dataloader_works_with_our_dataset_and_sampler():
 
 
 
-@pytest.mark.parametrize('damage', ['cut short', 'pickled objects'])
-def test_a_damaged_cache_is_rebuilt_from_the_zips_in_one_line(images, omniglot_zips, tmp_path,
-                                                              capsys, damage):
-    for name in omniglot.OFFICIAL_MD5:
-        (tmp_path / name).symlink_to(omniglot_zips / name)
+def npy_bytes(array):
     whole = io.BytesIO()
-    np.save(whole, images)
+    np.save(whole, array)
+    return whole.getvalue()
+
+
+@pytest.mark.parametrize('damage', ['cut short', 'pickled objects'])
+def test_a_damaged_cache_is_refused_in_one_line(images, tmp_path, capsys, damage):
     cache = tmp_path / omniglot.CACHE_NAME
     marker = tmp_path / 'ran'
     if damage == 'cut short':
-        cache.write_bytes(whole.getvalue()[:len(whole.getvalue()) // 2])
+        cache.write_bytes(npy_bytes(images)[:len(npy_bytes(images)) // 2])
     else:  # loading it with pickles allowed would run the command
         np.save(cache, np.array([Payload(f'touch {marker}')]))
-    np.testing.assert_array_equal(omniglot.prepare(tmp_path), images)
-    assert not marker.exists()
+    assert omniglot.load_cache(cache) is None and not marker.exists()
     assert capsys.readouterr().out == (f'{cache} is cut short or damaged; rebuilding it from '
                                        'the zips.\n')
-    assert cache.read_bytes() == whole.getvalue()
+
+
+def test_a_damaged_cache_is_rebuilt_from_the_zips(images, omniglot_zips, tmp_path, capsys):
+    for name in omniglot.OFFICIAL_MD5:
+        (tmp_path / name).symlink_to(omniglot_zips / name)
+    cache = tmp_path / omniglot.CACHE_NAME
+    cache.write_bytes(npy_bytes(images)[:1000])
+    np.testing.assert_array_equal(omniglot.prepare(tmp_path), images)
+    assert 'rebuilding it from the zips' in capsys.readouterr().out
+    assert cache.read_bytes() == npy_bytes(images)
