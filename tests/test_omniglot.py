@@ -181,15 +181,31 @@ def test_impossible_task_shapes_are_clear_errors(sizes, message):
         omniglot.get_omniglot_dataloader('train', 2, *sizes, 4)
 
 
-def test_course_resized_folder_is_accepted(images, character_names, tmp_path, monkeypatch):
-    for name, character in zip(character_names, images):
-        folder = tmp_path / 'omniglot_resized' / name
+def test_course_resized_folder_is_read_as_the_zips_are(images, character_names, tmp_path):
+    """The course's omniglot_resized files (black strokes on white, one folder per character)
+    give the zips' images; three characters of it here (every one would take 10 s)."""
+    chosen = [0, 700, 1622]
+    for i in chosen:
+        folder = tmp_path / 'omniglot_resized' / character_names[i]
         folder.mkdir(parents=True)
-        for j, image in enumerate(character):  # the course's files: black strokes on white
+        for j, image in enumerate(images[i]):
             Image.fromarray(((1 - image) * 255).astype(np.uint8)).convert('1').save(
                 folder / f'{j:02d}.png')
+    characters = omniglot.read_resized_folder(tmp_path / 'omniglot_resized')
+    assert list(characters) == [character_names[i] for i in chosen]
+    np.testing.assert_array_equal(np.stack([np.stack(c) for c in characters.values()]),
+                                  images[chosen])
+
+
+def test_prepare_takes_the_course_folder_where_there_is_one(images, character_names, tmp_path,
+                                                             monkeypatch):
+    (tmp_path / 'omniglot_resized').mkdir()
     monkeypatch.chdir(tmp_path)
+    read = []
+    monkeypatch.setattr(omniglot, 'read_resized_folder', lambda folder: read.append(folder) or
+                        dict(zip(character_names, map(list, images))))
     np.testing.assert_array_equal(omniglot.prepare(tmp_path / 'data'), images)
+    assert read == [omniglot.RESIZED_DIR] and (tmp_path / 'data' / omniglot.CACHE_NAME).is_file()
 
 
 def test_the_assignment_s_dataloader_works_with_our_dataset_and_sampler():
