@@ -53,14 +53,14 @@ def init_parameters(num_outputs):
     return parameters
 
 
-def embed(parameters, images, norms=None):
+def embed(images, parameters, norms=None):
     """The network up to its linear layer: 4x [conv 3x3 'same' -> batch norm (batch
     statistics) -> ReLU], then the mean over positions.
 
     Args:
+        images (Tensor): shape (examples, 1, height, width); any height and width
         parameters (dict[str, Tensor]): network weights, keys and shapes as init_parameters
             (the linear layer's are not used)
-        images (Tensor): shape (examples, 1, height, width); any height and width
         norms (dict[str, Tensor] or None): batch norm's weight 'gamma{i}' and bias 'beta{i}' of
             each layer i, shape (32,) (mamlpp.py learns them); None: no affine
 
@@ -77,16 +77,16 @@ def embed(parameters, images, norms=None):
     return x.mean(dim=(2, 3))
 
 
-def forward(parameters, images, norms=None):
+def forward(images, parameters, norms=None):
     """Computes logits: embed's features, then the linear layer w4, b4.
 
     Args:
-        parameters, images, norms: as embed takes them
+        images, parameters, norms: as embed takes them
 
     Returns:
         logits, shape (examples, num_outputs)
     """
-    return F.linear(*layers.autocast_inputs(embed(parameters, images, norms),
+    return F.linear(*layers.autocast_inputs(embed(images, parameters, norms),
                                             parameters[f'w{NUM_CONV_LAYERS}'],
                                             parameters[f'b{NUM_CONV_LAYERS}']))
 
@@ -152,7 +152,7 @@ class MAML(training.MetaLearner):
         Returns:
             logits, shape (num_images, num_outputs)
         """
-        return forward(parameters, images)
+        return forward(images, parameters)
 
     def _inner_loop(self, images, labels, train, every_step=False):
         """Computes the adapted network parameters via the MAML inner loop: num_inner_steps

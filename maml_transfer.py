@@ -7,7 +7,6 @@ Pre-training runs on the shared loop of training.py: a training batch is batch_s
 the meta-train characters (one 1100-way task, omniglot.ClassifierImages); validation and
 `--test` are few-shot tasks of the val and test characters, adapted by `transfer_learn`.
 """
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +70,7 @@ def frozen_features(parameters, batched):
         the new layer's bias
     """
     parameters = {key: value.detach() for key, value in parameters.items()}
-    embed = training.per_task(functools.partial(maml.embed, parameters), batched)
+    embed = training.per_task(lambda images: maml.embed(images, parameters), batched)
 
     def features(images):
         latents = layers.at_least_float32(embed(images))
@@ -145,7 +144,7 @@ class TransferLearner(training.MetaLearner):
         if train:
             (images, labels), = task_batch
             images, labels = images.to(self._device), labels.to(self._device)
-            logits = maml.forward(self._parameters, images)
+            logits = maml.forward(images, self._parameters)
             return (F.cross_entropy(logits, labels),
                     {'accuracy': util.accuracy_per_task(logits[None], labels[None])})
         task_batch = [[part.to(self._device) for part in task] for task in task_batch]

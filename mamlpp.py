@@ -98,7 +98,7 @@ class MAMLpp(maml.MAML):
         """MAML's network, with batch norm's weights and biases of the inner step (per-step
         batch norm; none without it)."""
         rows = self._norm_rows or self._make_norm_rows()
-        return maml.forward(parameters, images, rows[step] if rows else None)
+        return maml.forward(images, parameters, rows[step] if rows else None)
 
     def _make_norm_rows(self):
         """The per-step batch-norm parameters as a list of rows {name: (32,)}, one per inner
