@@ -21,6 +21,7 @@ from torch import nn
 
 import layers
 import omniglot
+import sampling
 import training
 import util
 
@@ -217,7 +218,8 @@ class MAML(training.MetaLearner):
 
         Args:
             task_batch (list of tuple): each tuple is (images_support (N*K, 1, 28, 28),
-                labels_support (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,))
+                labels_support (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,));
+                or a sampling.TaskBatch, the same as tensors of all the tasks
             train (bool): whether we are training or evaluating
             per_task (bool): return each task's metrics, on the device, as the training loop
                 reads them (MetaLearner._evaluate), instead of the assignment's means
@@ -232,7 +234,7 @@ class MAML(training.MetaLearner):
             With per_task: outer_loss, and {metric key: Tensor}: 'support_per_step' of shape
             (num_tasks, num_inner_steps + 1), and the METRICS keys of shape (num_tasks,)
         """
-        tasks = [torch.stack(part).to(self._device) for part in zip(*task_batch)]
+        tasks = sampling.stacked(task_batch, self._device)
         with torch.set_grad_enabled(train):
             losses, accuracies_support, accuracies_query = training.per_task(
                 functools.partial(self._task, train=train), self._batched)(*tasks)

@@ -15,6 +15,7 @@ import distributed
 import layers
 import maml
 import omniglot
+import sampling
 import training
 import util
 
@@ -30,7 +31,8 @@ def transfer_learn(parameters, task_batch, num_way, num_steps, learning_rate, ba
         parameters (dict[str, Tensor]): pre-trained weights, keys as maml.init_parameters;
             only the convolutional ones are used, and they receive no gradient
         task_batch (list of tuple): each (images_support (N*K, 1, 28, 28), labels_support
-            (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,)), labels 0..N-1
+            (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,)), labels 0..N-1; or a
+            sampling.TaskBatch, the same as tensors of all the tasks
         num_way (int): N, the classes of a task (given, not read from the labels: reading
             them would make the host wait for the device)
         num_steps (int): gradient steps on the support loss
@@ -42,9 +44,8 @@ def transfer_learn(parameters, task_batch, num_way, num_steps, learning_rate, ba
         query losses, support accuracies and query accuracies after adaptation, each a tensor
         of shape (num_tasks,)
     """
+    images_support, labels_support, images_query, labels_query = sampling.stacked(task_batch)
     ### START CODE HERE ###
-    images_support, labels_support, images_query, labels_query = (
-        torch.stack(part) for part in zip(*task_batch))
     features = frozen_features(parameters, batched)
     with torch.no_grad():
         features_support, features_query = features(images_support), features(images_query)
@@ -147,7 +148,7 @@ class TransferLearner(training.MetaLearner):
             logits = maml.forward(images, self._parameters)
             return (F.cross_entropy(logits, labels),
                     {'accuracy': util.accuracy_per_task(logits[None], labels[None])})
-        task_batch = [[part.to(self._device) for part in task] for task in task_batch]
+        task_batch = sampling.TaskBatch(*sampling.stacked(task_batch, self._device))
         losses, support, query = transfer_learn(self._parameters, task_batch, self._num_way,
                                                 self._adapt_steps, self._adapt_lr, self._batched)
         return losses.mean(), {'post_adapt_support': support, 'post_adapt_query': query}

@@ -367,19 +367,19 @@ class MetabolismDataset:
             set_idxs (torch.Tensor): int64 indices into the split's data sets, shape (num_tasks,)
 
         Returns:
-            list of num_tasks tuples (features_support, labels_support, features_query,
-            labels_query) with shapes (2 * num_support, 1024), (2 * num_support,),
-            (2 * num_query, 1024), (2 * num_query,); class-major order, label = class.
+            sampling.TaskBatch of num_tasks tasks (features_support, labels_support,
+            features_query, labels_query), shapes (num_tasks, 2 * num_support, 1024),
+            (num_tasks, 2 * num_support), (num_tasks, 2 * num_query, 1024),
+            (num_tasks, 2 * num_query); class-major order, label = class.
         """
         k, q = self._num_support, self._num_query
         rows = torch.stack([self._rows(set_idx) for set_idx in set_idxs.tolist()])
-        rows = torch.cat([rows[:, :, :k].flatten(1), rows[:, :, k:].flatten(1)], 1)
         rows = util.host_to_device(rows, self._features.device)
-        picked = self._features.index_select(0, rows.flatten()).view(*rows.shape, -1)
+        support, query = (self._features.index_select(0, part.flatten()).view(*part.shape[:2], -1)
+                          for part in (rows[:, :, :k].flatten(1), rows[:, :, k:].flatten(1)))
         classes = torch.arange(NUM_WAY, device=self._features.device)
-        labels_support, labels_query = classes.repeat_interleave(k), classes.repeat_interleave(q)
-        return [(task[:NUM_WAY * k], labels_support, task[NUM_WAY * k:], labels_query)
-                for task in picked]
+        return sampling.TaskBatch(support, classes.repeat_interleave(k).expand(len(rows), -1),
+                                  query, classes.repeat_interleave(q).expand(len(rows), -1))
 
 
 def check_task_flags(num_way, num_support, num_query):

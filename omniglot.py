@@ -183,9 +183,10 @@ class OmniglotDataset(torch.utils.data.Dataset):
             class_idxs (torch.Tensor): int64 class indices, shape (num_tasks, num_way)
 
         Returns:
-            list of num_tasks tuples (images_support, labels_support, images_query,
-            labels_query) with shapes (num_way * num_support, 1, 28, 28), (num_way * num_support,),
-            (num_way * num_query, 1, 28, 28), (num_way * num_query,); class-major order.
+            sampling.TaskBatch of num_tasks tasks (images_support, labels_support,
+            images_query, labels_query), shapes (num_tasks, num_way * num_support, 1, 28, 28),
+            (num_tasks, num_way * num_support), (num_tasks, num_way * num_query, 1, 28, 28),
+            (num_tasks, num_way * num_query); class-major order.
         """
         num_tasks, num_way = class_idxs.shape
         num_images = self._num_support + self._num_query
@@ -196,9 +197,9 @@ class OmniglotDataset(torch.utils.data.Dataset):
         support = self._gather(rows[..., :self._num_support])
         query = self._gather(rows[..., self._num_support:])
         labels = torch.arange(num_way, device=self._images.device)
-        labels_support = labels.repeat_interleave(self._num_support)
-        labels_query = labels.repeat_interleave(self._num_query)
-        return [(support[i], labels_support, query[i], labels_query) for i in range(num_tasks)]
+        labels_support = labels.repeat_interleave(self._num_support).expand(num_tasks, -1)
+        labels_query = labels.repeat_interleave(self._num_query).expand(num_tasks, -1)
+        return sampling.TaskBatch(support, labels_support, query, labels_query)
 
     def _gather(self, rows):
         """Images of the given rows in torch's default dtype (float32 unless changed), 1 channel.

@@ -6,6 +6,7 @@ from torch import nn
 
 import layers
 import omniglot
+import sampling
 import training
 import util
 
@@ -120,7 +121,8 @@ class ProtoNet(training.MetaLearner):
 
         Args:
             task_batch (list of tuple): each tuple is (images_support (N*K, 1, 28, 28),
-                labels_support (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,))
+                labels_support (N*K,), images_query (N*Q, 1, 28, 28), labels_query (N*Q,));
+                or a sampling.TaskBatch, the same as tensors of all the tasks
             per_task (bool): return each task's accuracies as tensors of shape (num_tasks,)
                 on the device, {'support': ..., 'query': ...}, as the training loop reads them
                 (_evaluate: the host does not wait for the device), instead of their means
@@ -130,8 +132,8 @@ class ProtoNet(training.MetaLearner):
             mean support accuracy over the batch (numpy float64)
             mean query accuracy over the batch (numpy float64)
         """
-        images_support, labels_support, images_query, labels_query = (
-            torch.stack(part).to(self._device) for part in zip(*task_batch))
+        images_support, labels_support, images_query, labels_query = sampling.stacked(
+            task_batch, self._device)
         num_way = self._num_way or len(labels_support[0].unique())
         ### START CODE HERE ###
         latents_support = layers.at_least_float32(self._forward(images_support))

@@ -4,7 +4,7 @@ loader that batches tasks.
 The contract, which omniglot.py and metabolism.py both follow:
 - A dataset has `make_tasks(idxs)`: idxs is an int64 tensor with one row per task (Omniglot: the
   task's class indices, shape (num_tasks, num_way); Metabolism: the task's data set index,
-  shape (num_tasks,)); it returns a list of num_tasks task tuples (support inputs, support
+  shape (num_tasks,)); it returns a TaskBatch of num_tasks tasks (support inputs, support
   labels, query inputs, query labels), class-major, labels 0..num_way-1. (Pre-training images
   for the transfer baseline, omniglot.ClassifierImages, are one task per batch: idxs are
   images, and the list holds one (images, labels) tuple.)
@@ -15,6 +15,8 @@ The contract, which omniglot.py and metabolism.py both follow:
   `prepare()` fetches and caches it and returns the line `--cache` prints, and
   `loader(split, batch_size, num_tasks, device)` returns a TaskLoader of that split's tasks.
 """
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -45,9 +47,43 @@ class UniformSampler:
         return torch.randint(self._num_items, (num,), generator=self._generator)
 
 
+class TaskBatch(Sequence):
+    """A batch of tasks kept as four tensors, each with a leading task dimension, from the
+    sampler to the step: support inputs (num_tasks, N*K, ...), support labels (num_tasks, N*K),
+    query inputs (num_tasks, N*Q, ...), query labels (num_tasks, N*Q).
+
+    To the assignment's code it is its list of task tuples: len, task i as a tuple, iteration.
+    A slice (distributed.share) is a TaskBatch of the tensors' slices, and `stacked` hands the
+    tensors themselves to a step: no task is split off and stacked again."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    def __len__(self):
+        return len(self.parts[0])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return TaskBatch(*(part[index] for part in self.parts))
+        return tuple(part[index] for part in self.parts)
+
+
+def stacked(task_batch, device=None):
+    """The parts of a batch of tasks as tensors with a leading task dimension, on device (where
+    given): a TaskBatch's own tensors, or the assignment's list of task tuples stacked.
+
+    Returns:
+        list of 4 tensors: (num_tasks, N*K, ...), (num_tasks, N*K), (num_tasks, N*Q, ...),
+        (num_tasks, N*Q)
+    """
+    parts = (task_batch.parts if isinstance(task_batch, TaskBatch) else
+             [torch.stack(part) for part in zip(*task_batch)])
+    return [part.to(device) for part in parts] if device is not None else list(parts)
+
+
 class TaskLoader:
-    """Batches of tasks: a batch is a list of batch_size task tuples (the assignment's
-    DataLoader with an identity collate gives the same).
+    """Batches of tasks: a batch is a TaskBatch of batch_size tasks (to the assignment's code,
+    the list of task tuples its DataLoader with an identity collate gives).
 
     Args:
         dataset: has make_tasks(idxs), as above
