@@ -218,7 +218,7 @@ def metabolism_tasks(features, class_rows, set_idxs, num_support, num_query, gen
         generator (torch.Generator): a CPU generator
 
     Returns:
-        list of task tuples as metabolism.MetabolismDataset.make_tasks returns them
+        list of task tuples, as metabolism.MetabolismDataset.make_tasks gives them one by one
     """
     tasks = []
     for set_idx in set_idxs.tolist():

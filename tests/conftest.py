@@ -143,7 +143,8 @@ def built(tmp_path_factory, tdc_raw):
 @pytest.fixture(scope='session')
 def omniglot_batch():
     """A function (batch_size, num_way, num_support, num_query, seed=0) -> a fixed batch of
-    real Omniglot training tasks (a list of task tuples)."""
+    real Omniglot training tasks (a sampling.TaskBatch: to the assignment, a list of task
+    tuples)."""
     import omniglot
 
     def first_batch(batch_size, num_way, num_support, num_query, seed=0):
