@@ -293,19 +293,22 @@ class Job:
         command = self.command(passthrough)
         self.plan.log_dir.mkdir(parents=True, exist_ok=True)
         console = self.plan.log_dir / 'console.log'
-        signals = []  # those passed on
+        process, signals = None, []  # the command once started; the signals that came
 
         def pass_on(signum):
-            process.send_signal(signum)
             signals.append(signum)
-        with open(console, 'a', buffering=1) as log, \
+            if process is not None:
+                process.send_signal(signum)
+        # The handlers come first: a signal as the command line is logged stops us here.
+        with util.on_stop_signals(pass_on), open(console, 'a', buffering=1) as log, \
                 tqdm(total=self.total, desc=description, unit='it', leave=True) as bar:
             log.write(f'$ {shlex.join(command[1:])}\n')
-            with subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                  process_group=0, env=dict(os.environ, PYTHONUNBUFFERED='1')
-                                  ) as process, util.on_stop_signals(pass_on):
-                while not finished(process, self.POLL_SECONDS):
-                    bar.update(self.done() - bar.n)
+            if not signals:
+                with subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      process_group=0, env=dict(os.environ, PYTHONUNBUFFERED='1')
+                                      ) as process:
+                    while not finished(process, self.POLL_SECONDS):
+                        bar.update(self.done() - bar.n)
             bar.update(self.done() - bar.n)
         if signals:
             raise util.Stopped(f'Stopped by {signal.Signals(signals[0]).name} in '

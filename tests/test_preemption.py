@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import experiments
 import float64_run
+import util
 from test_distributed import TORCHRUN, assert_same_tensors, in_process, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,6 +192,22 @@ def test_experiments_stopped_by_sigterm_and_started_again_does_no_finished_work_
                             env=env).stdout
     assert 'fomaml_5shot_seed_1' in listed, listed
     assert 'stopped' not in listed and 'to do' not in listed, listed
+
+
+def test_a_signal_as_experiments_logs_a_command_stops_it_before_the_command_starts(
+        tmp_path, monkeypatch):
+    """The window a busy machine once hit: SIGTERM just as the command line goes to
+    console.log, before the command exists. It is caught (not the default exit by the
+    signal), the command never starts, and the run stops as after any signal."""
+    plan = experiments.Plan.of(experiments.BY_NAME['protonet_5shot'], 'tiny', tmp_path)
+    job = experiments.Job(plan, [], 'train', 1, lambda: 0)
+    started = []
+    monkeypatch.setattr(experiments.shlex, 'join', lambda words: os.kill(os.getpid(),
+                                                                        signal.SIGTERM) or '')
+    monkeypatch.setattr(experiments.subprocess, 'Popen', lambda *args, **kwargs: started.append(1))
+    with pytest.raises(util.Stopped, match='Stopped by SIGTERM in protonet_5shot'):
+        job.execute([], 'train')
+    assert not started and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_torchrun_passes_a_signal_on_and_its_processes_stop_after_the_same_step(
