@@ -16,7 +16,7 @@ import util
 
 # The file whose code each of the assignment's questions grades.
 QUESTION_FILES = {'1b': 'protonet.py', '2a': 'maml.py', '2b': 'maml.py'}
-QUICK_TESTS = ['1b-0-hidden', '2a-0-basic', '2a-2-basic']  # the autograder runs: 14 points
+QUICK_TESTS = ['1b-0-hidden', '2a-0-basic', '2a-2-basic']  # 14 of the 32 points
 BROKEN = ('    prototypes = sums / one_hot.sum(1).unsqueeze(-1)\n',
           '    prototypes = sums / one_hot.shape[1]\n')  # divided by the examples, not K
 
@@ -230,11 +230,15 @@ def test_the_solution_scores_full_marks_and_a_broken_method_fewer(autograder_zip
     solution = {name: (ROOT / name).read_text() for name in homework.GRADED_FILES}
     assert solution['protonet.py'].count(BROKEN[0]) == 1
     broken = solution | {'protonet.py': solution['protonet.py'].replace(*BROKEN)}
-    for name, submission, score in [('solution', solution, 14), ('broken', broken, 6)]:
-        result, results = autograde(autograder_zip, tmp_path / name, submission, *QUICK_TESTS)
+    everything = sum(grader.POINTS.values())
+    assert everything == 32
+    for name, submission, test_ids, score, out_of in [
+            ('solution', solution, (), everything, everything),  # every test
+            ('broken', broken, QUICK_TESTS, 6, 14)]:
+        result, results = autograde(autograder_zip, tmp_path / name, submission, *test_ids)
         assert result.returncode == 0, result.stderr
-        tests = assert_gradescope_results(results, score, 14)['tests']
-        assert [test['name'].split(':')[0] for test in tests] == QUICK_TESTS
+        tests = assert_gradescope_results(results, score, out_of)['tests']
+        assert [test['name'].split(':')[0] for test in tests] == list(test_ids or grader.POINTS)
 
 
 def test_the_bare_starter_scores_nothing_of_its_blanks(autograder_zip, tmp_path):
