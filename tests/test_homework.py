@@ -16,7 +16,7 @@ import util
 
 # The file whose code each of the assignment's questions grades.
 QUESTION_FILES = {'1b': 'protonet.py', '2a': 'maml.py', '2b': 'maml.py'}
-QUICK_TESTS = ['1b-0-hidden', '2a-0-basic', '2a-2-basic']  # the autograder runs: 14 points
+QUICK_TESTS = ['1b-0-hidden', '2a-0-basic', '2a-2-basic']  # 14 of the 32 points
 BROKEN = ('    prototypes = sums / one_hot.sum(1).unsqueeze(-1)\n',
           '    prototypes = sums / one_hot.shape[1]\n')  # divided by the examples, not K
 
@@ -226,15 +226,46 @@ def test_setup_refuses_a_python_older_than_3_11_in_one_line(autograder_zip, tmp_
                              "Gradescope's autograder settings\n")
 
 
+def test_setup_installs_the_pinned_requirements_in_a_venv_then_caches_omniglot(autograder_zip,
+                                                                              tmp_path):
+    """setup.sh's commands, each recorded by a stand-in (the real ones need the network)."""
+    with zipfile.ZipFile(autograder_zip) as archive:
+        archive.extractall(tmp_path / 'source')
+    assert (tmp_path / 'source' / 'requirements.txt').read_text() == (
+        ROOT / 'requirements.txt').read_text()
+    log, bin_folder = tmp_path / 'commands.log', tmp_path / 'bin'
+    bin_folder.mkdir()
+    record = f'echo "$(basename "$0") $* (in $(pwd))" >> {log}\n'
+    (bin_folder / 'record').write_text('#!/bin/sh\n' + record)
+    (bin_folder / 'python3').write_text(  # as `python3 -m venv DIR`, it makes DIR's recorders
+        '#!/bin/sh\n[ "$1" = -c ] && exit 0  # the version check: 3.11 or newer\n' + record
+        + 'if [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin"; for name in pip python;'
+        f' do cp {bin_folder}/record "$3/bin/$name"; done; fi\n')
+    for name in ('record', 'python3'):
+        (bin_folder / name).chmod(0o755)
+    result = run(tmp_path, 'bash', tmp_path / 'source' / 'setup.sh',
+                 AUTOGRADER_ROOT=str(tmp_path), PATH=f'{bin_folder}:{os.environ["PATH"]}')
+    assert result.returncode == 0, result.stderr
+    source = tmp_path / 'source'
+    assert log.read_text().splitlines() == [
+        f'python3 -m venv {tmp_path}/venv (in {source})',
+        f'pip install -r requirements.txt (in {source})',
+        f'python protonet.py --cache (in {source})']
+
+
 def test_the_solution_scores_full_marks_and_a_broken_method_fewer(autograder_zip, tmp_path):
     solution = {name: (ROOT / name).read_text() for name in homework.GRADED_FILES}
     assert solution['protonet.py'].count(BROKEN[0]) == 1
     broken = solution | {'protonet.py': solution['protonet.py'].replace(*BROKEN)}
-    for name, submission, score in [('solution', solution, 14), ('broken', broken, 6)]:
-        result, results = autograde(autograder_zip, tmp_path / name, submission, *QUICK_TESTS)
+    everything = sum(grader.POINTS.values())
+    assert everything == 32
+    for name, submission, test_ids, score, out_of in [
+            ('solution', solution, (), everything, everything),  # every test
+            ('broken', broken, QUICK_TESTS, 6, 14)]:
+        result, results = autograde(autograder_zip, tmp_path / name, submission, *test_ids)
         assert result.returncode == 0, result.stderr
-        tests = assert_gradescope_results(results, score, 14)['tests']
-        assert [test['name'].split(':')[0] for test in tests] == QUICK_TESTS
+        tests = assert_gradescope_results(results, score, out_of)['tests']
+        assert [test['name'].split(':')[0] for test in tests] == list(test_ids or grader.POINTS)
 
 
 def test_the_bare_starter_scores_nothing_of_its_blanks(autograder_zip, tmp_path):
