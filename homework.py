@@ -21,7 +21,10 @@ import util
 
 ROOT = Path(__file__).resolve().parent
 GRADED_FILES = ('protonet.py', 'maml.py', 'maml_transfer.py')
-INSTRUCTOR_ONLY = ('reference.py', 'homework.py', 'tests/', 'benchmarks/', '.ci/')
+# Left out of the starter: the solution's tests and tools, and our results (the answers to the
+# handouts' written questions).
+INSTRUCTOR_ONLY = ('reference.py', 'homework.py', 'tests/', 'benchmarks/', '.ci/',
+                   'docs/HANDOUT.md', 'docs/RESULTS.md', 'figures/')
 SOLUTION_FILES = ('reference.py',)  # what the autograder adds to the starter: hidden tests' module
 START = '### START CODE HERE ###'
 END = '### END CODE HERE ###'

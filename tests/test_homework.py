@@ -121,6 +121,8 @@ def test_the_starter_is_the_solution_with_blanks_that_fill_back_byte_for_byte(st
     assert sorted(str(path.relative_to(starter)) for path in starter.rglob('*')
                   if path.is_file() and '__pycache__' not in path.parts) == expected
     assert {'grader.py', 'points.json'} <= set(expected) and 'reference.py' not in expected
+    assert not {'docs/HANDOUT.md', 'docs/RESULTS.md'} & set(expected)  # our answers
+    assert not any(name.startswith('figures/') for name in expected)
     for name in expected:
         solution = (ROOT / name).read_bytes()
         if name in homework.GRADED_FILES:
