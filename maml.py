@@ -322,6 +322,7 @@ def add_maml_args(parser, num_train_iterations):
 
 def main(args):
     training.check_common_args(args)
+    training.check_tasks(args.tasks)
     if args.num_inner_steps < 0:
         raise util.UserError(f'--num_inner_steps must be 0 or more, got {args.num_inner_steps}')
     util.check_positive(inner_lr=args.inner_lr, outer_lr=args.outer_lr)

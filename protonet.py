@@ -182,6 +182,7 @@ def add_protonet_args(parser, num_train_iterations):
 
 def main(args):
     training.check_common_args(args)
+    training.check_tasks(args.tasks)
     util.check_positive(learning_rate=args.learning_rate)
     training.main(args, omniglot.OmniglotTasks(args.num_way, args.num_support, args.num_query,
                                                args.seed),

@@ -605,8 +605,6 @@ def check_tasks(tasks):
 
 def check_common_args(args):
     """One-line errors for flag values no run can use."""
-    if 'tasks' in vars(args):
-        check_tasks(args.tasks)
     util.check_positive(batch_size=args.batch_size,
                         num_train_iterations=args.num_train_iterations,
                         num_test_tasks=args.num_test_tasks)
