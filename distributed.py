@@ -108,11 +108,12 @@ def local_main_first():
 
 
 def share(items, start=0):
-    """This process's items of a sequence (a list of tasks, or a tensor of images): item i,
+    """This process's items of a sequence (a batch of tasks, or a tensor of images): item i,
     counting from start, belongs to process i % P.
 
     Args:
-        items: a list, or a tensor whose first dimension indexes the items
+        items: a sampling.TaskBatch (its share is one too, of its tensors' slices), a list, or
+            a tensor whose first dimension indexes the items
         start (int): the index of items[0] in the whole sequence (an evaluation pass)
     """
     return items[(rank() - start) % world_size()::world_size()]
