@@ -192,3 +192,22 @@ def test_default_log_dir_names_every_hyperparameter():
     assert maml_transfer.default_log_dir(parse()) == (
         './logs/transfer/omniglot.way_5.support_5.query_15.lr_0.001.batch_size_64'
         '.adapt_steps_100.adapt_lr_2.0')
+
+
+def test_validation_and_test_run_through_transfer_learn_once_per_batch(tmp_path, capsys,
+                                                                        monkeypatch, one_thread):
+    """The graded function is what the script evaluates with: a 1-iteration run validates
+    batch_size * 4 = 8 tasks in 4 batches of 2, and --test 6 tasks one at a time."""
+    calls, graded = [], maml_transfer.transfer_learn
+
+    def counted(parameters, task_batch, *args, **kwargs):
+        calls.append(len(task_batch))
+        return graded(parameters, task_batch, *args, **kwargs)
+    monkeypatch.setattr(maml_transfer, 'transfer_learn', counted)
+    maml_transfer.main(parse('--num_train_iterations', 1, '--batch_size', 2, '--adapt_steps', 1,
+                             '--log_dir', tmp_path))
+    assert calls == [2] * 4
+    maml_transfer.main(parse('--test', '--log_dir', tmp_path, '--checkpoint_step', 0,
+                             '--adapt_steps', 1, '--num_test_tasks', 6))
+    assert calls == [2] * 4 + [1] * 6
+    capsys.readouterr()
