@@ -172,6 +172,7 @@ class Figure:
     runs: tuple  # the runs it needs
     draw: object  # (ax, runs) -> None; with panels > 1, (list of axes, runs)
     panels: int = 1  # side by side, one y scale
+    also: tuple = ()  # runs it draws too, each once it has a checkpoint (more seeds)
 
 
 def draw_curves(labels, tag=None):
@@ -256,10 +257,13 @@ STABILITY_METHODS = {'fomaml': 'first-order MAML', 'mamlpp': 'MAML++'}
 
 
 def draw_stability(axes, runs):
-    """One panel per method, side by side on one scale, every seed its own line."""
+    """One panel per method, side by side on one scale, each seed with a checkpoint its own
+    line."""
     for ax, (method, label) in zip(axes, STABILITY_METHODS.items()):
         for seed in experiments.STABILITY_SEEDS:
             name = experiments.stability_name(method, seed)
+            if name not in runs.saved:
+                continue
             steps, values = runs.curve(name)
             ax.plot(steps, values, marker='o', markersize=2,
                     label=f'seed {seed}' + runs.shortened(name))
@@ -319,8 +323,10 @@ FIGURES = (
     Figure(H2, 'stability', 'Training stability: first-order MAML vs MAML++ (second handout, '
            'extra credit)', 'Validation post-adaptation query accuracy in the handout\'s setting '
            f'(5-way 5-shot, 15 queries, 5 inner steps at inner learning rate {LR}, 1000 '
-           'iterations), three seeds per method, the same seeds for both.',
-           experiments.STABILITY_RUNS, draw_stability, panels=2),
+           f'iterations), seeds {", ".join(map(str, experiments.STABILITY_SEEDS))} for both '
+           "methods, each line naming its seed; a seed's run is drawn once it has a checkpoint.",
+           (FOMAML, MAMLPP), draw_stability, panels=2,
+           also=tuple(name for name in experiments.STABILITY_RUNS if name not in (FOMAML, MAMLPP))),
 )
 
 
@@ -475,7 +481,8 @@ def write_report(log_root, out):
 
 def render_item(item, number, runs, figures_dir, drawn):
     """One figure (drawn to a PNG) or table as Markdown with its number and caption."""
-    note = runs.note(item.runs or runs.saved)
+    shown = [*item.runs, *(name for name in getattr(item, 'also', ()) if name in runs.saved)]
+    note = runs.note(shown or runs.saved)
     if isinstance(item, Figure):
         path = figures_dir / f'figure{number:02d}_{item.slug}.png'
         drawn[item.slug] = render(item, runs, path)

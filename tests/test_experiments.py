@@ -10,6 +10,7 @@ import io
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,24 @@ def test_a_figure_draws_the_logged_scalars(tiny):
             logged = [(event.step, event.value)
                       for event in events.Scalars(report.VAL_QUERY['maml.py'])]
             np.testing.assert_allclose(line.get_xydata(), logged, rtol=1e-6)
+
+
+def test_the_stability_figure_draws_each_seed_that_has_run(tiny, tmp_path):
+    """Seed 0 of both methods is all the figure needs; another seed is drawn, and named in the
+    caption's note, once its run has a checkpoint."""
+    log_root = tmp_path / 'logs'
+    shutil.copytree(tiny[0], log_root)
+    for name in ('fomaml_5shot_seed_1', 'mamlpp_5shot_seed_2'):
+        shutil.rmtree(log_root / name)
+    figure, = (figure for figure in report.FIGURES if figure.slug == 'stability')
+    drawn = {}
+    markdown = report.render_item(figure, 1, report.Runs(log_root), tmp_path, drawn)
+    assert [[line.get_label().split(' (')[0] for line in ax.lines]
+            for ax in drawn['stability'].axes] == [['seed 0', 'seed 2'], ['seed 0', 'seed 1']]
+    note = markdown.split('Shortened runs: ')[1]
+    assert [entry.split(',')[0] for entry in note.split('; ')] == [
+        'fomaml_5shot', 'mamlpp_5shot', 'fomaml_5shot_seed_2', 'mamlpp_5shot_seed_1']
+    assert set(figure.runs) == {'fomaml_5shot', 'mamlpp_5shot'}
 
 
 def test_a_second_call_does_no_work(tiny):
