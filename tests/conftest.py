@@ -13,6 +13,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -173,3 +174,20 @@ def assert_gradescope_results(path, score, max_score):
     assert results['score'] == sum(test['score'] for test in results['tests']) == score
     assert sum(test['max_score'] for test in results['tests']) == max_score
     return results
+
+
+def assert_graded_in_full(output, results):
+    """grader.py's printed grading of every test (output) and its parsed results.json: each
+    test framed as the assignment's grader frames it, with full marks, then the total; in
+    results, hidden tests published after the deadline, visible ones at once."""
+    import grader
+    for test_id, points in grader.POINTS.items():
+        assert f'----- START {test_id}: ' in output
+        assert re.search(rf'----- END {test_id} \[took [\d:.]+ \(max allowed \d+ seconds\), '
+                         rf'{points}/{points} points\]', output)
+    total = sum(grader.POINTS.values())
+    assert output.rstrip().endswith(f'========== END GRADING [{total}/{total} points]')
+    assert {test['name'].split(':')[0]: (test['visibility'], test['output'])
+            for test in results['tests']} == {
+        test_id: ('after_published' if grader.is_hidden(test_id) else 'visible', 'passed')
+        for test_id in grader.POINTS}

@@ -8,7 +8,7 @@ import sys
 import zipfile
 
 import pytest
-from conftest import ROOT, assert_gradescope_results
+from conftest import ROOT, assert_graded_in_full, assert_gradescope_results
 
 import grader
 import homework
@@ -266,8 +266,11 @@ def test_the_solution_scores_full_marks_and_a_broken_method_fewer(autograder_zip
             ('broken', broken, QUICK_TESTS, 6, 14)]:
         result, results = autograde(autograder_zip, tmp_path / name, submission, *test_ids)
         assert result.returncode == 0, result.stderr
-        tests = assert_gradescope_results(results, score, out_of)['tests']
-        assert [test['name'].split(':')[0] for test in tests] == list(test_ids or grader.POINTS)
+        graded = assert_gradescope_results(results, score, out_of)
+        assert [test['name'].split(':')[0] for test in graded['tests']] == list(
+            test_ids or grader.POINTS)
+        if name == 'solution':
+            assert_graded_in_full(result.stdout, graded)
 
 
 def test_the_bare_starter_scores_nothing_of_its_blanks(autograder_zip, tmp_path):
