@@ -17,8 +17,8 @@ threads do. In float64 the rounding is ~1e-16, far below Adam's epsilon, and the
 to ~1e-9: what remains is the scheme itself.
 """
 import contextlib
+import importlib
 import os
-import runpy
 import sys
 from pathlib import Path
 
@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import distributed  # noqa: E402  (needs the path above)
 import training  # noqa: E402
+import util  # noqa: E402
 
 SEPARATOR = '+++'
 
@@ -49,22 +50,23 @@ def float64():
 def run(script, flags):
     """Runs `python script flags...` in this process, in float64, with a checkpoint every step
     and validation every VAL_INTERVAL steps."""
-    saved = sys.argv, training.SAVE_INTERVAL, training.VAL_INTERVAL
-    sys.argv = [script, *flags]
+    saved = training.SAVE_INTERVAL, training.VAL_INTERVAL
     training.SAVE_INTERVAL, training.VAL_INTERVAL = 1, VAL_INTERVAL
     try:
         with float64():
-            runpy.run_path(str(ROOT / script), run_name='__main__')
+            run_float32(script, flags)
     finally:
-        sys.argv, training.SAVE_INTERVAL, training.VAL_INTERVAL = saved
+        training.SAVE_INTERVAL, training.VAL_INTERVAL = saved
 
 
 def run_float32(script, flags):
-    """Runs `python script flags...` in this process."""
+    """Runs `python script flags...` in this process: what its `__main__` block runs, through
+    the imported module, so that a test's patches of the module hold."""
+    module = importlib.import_module(Path(script).stem)
     saved = sys.argv
-    sys.argv = [script, *flags]
+    sys.argv = [str(ROOT / script), *flags]
     try:
-        runpy.run_path(str(ROOT / script), run_name='__main__')
+        util.cli(lambda: module.main(module.parse_args()))
     finally:
         sys.argv = saved
 

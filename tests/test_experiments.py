@@ -44,6 +44,18 @@ def run_here(job, passthrough, description):
         float64_run.run_float32(script, flags)
 
 
+def test_a_script_run_here_sees_the_tests_patches_of_its_module(monkeypatch):
+    """The tiny tree's 8 validation tasks for its metabolism run reach that run: run_here runs
+    the imported module's main, not a fresh copy of the file (as runpy would), whose own
+    NUM_VAL_TASKS would be 2400."""
+    calls = []
+    monkeypatch.setattr(run_metabolism, 'NUM_VAL_TASKS', 8)
+    monkeypatch.setattr(run_metabolism.metabolism, 'MetabolismTasks', lambda *args: None)
+    monkeypatch.setattr(training, 'main', lambda *args, **kwargs: calls.append(kwargs))
+    float64_run.run_float32('run_metabolism.py', [])
+    assert calls == [{'num_val_tasks': 8}]
+
+
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory, built):
     """(log root, report folder, experiments.py's printed output, {slug: figure}): the whole
