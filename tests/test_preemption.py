@@ -82,7 +82,7 @@ def test_a_signal_saves_its_step_and_resume_ends_as_an_uninterrupted_run(
     assert err.splitlines()[-1] == (
         f'Stopped by {signame} after iteration {step}, saved in {tmp_path}/state{step}.pt; '
         f'continue with: python {ROOT / script} {" ".join(train_flags(script, tmp_path))} '
-        '--resume')  # sys.argv[0] as runpy sets it
+        '--resume')  # sys.argv[0] as float64_run sets it
     assert sorted(p.name for p in tmp_path.glob('state*')) == [f'state{s}.pt'
                                                                for s in range(step + 1)]
     assert load(tmp_path / f'state{step}.pt')['step'] == step
