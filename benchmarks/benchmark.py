@@ -62,6 +62,7 @@ class Sizes:
 
 FULL = Sizes(batch_size=16, warmup=2, repeats=7, eval_passes=3, val_tasks=64, test_tasks=100,
              sampling_batches=30, adapt_steps=100, seeds=(0, 1, 2), num_query=15)
+MOST_SHOTS = 5  # the support examples per class of the rows' largest tasks (5-way 5-shot)
 # Metabolism tasks as run_bio.sh draws them: batches of 4 tasks, 2-way 5-shot 10-query, from
 # data sets of the TDC training sets' sizes (CYP1A2, 3A4, 2D6 Veith; 2C9, 2D6 substrates).
 METABOLISM_BATCH, METABOLISM_SHOTS = 4, (5, 10)
@@ -425,7 +426,8 @@ def main(args):
     sizes = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory() as work:
         folder = os.path.join(work, 'omniglot_resized')
-        write_png_folder(omniglot.prepare(), folder)
+        # the images of a character that a task can draw: all 20 at full size, 10 for --quick
+        write_png_folder(omniglot.prepare()[:, :MOST_SHOTS + sizes.num_query], folder)
         bench = Bench(folder, sizes, device, os.path.join(work, 'logs'))
         if not check_numerics(sizes.batch_size, sizes.num_query, device, bench.log_dir,
                               sizes.seeds):

@@ -17,7 +17,7 @@ def write_png_folder(images, folder):
     """Writes every image as a course-style PNG, black strokes on white, mode '1'.
 
     Args:
-        images (np.ndarray): uint8, strokes = 1, shape (1623, 20, 28, 28)
+        images (np.ndarray): uint8, strokes = 1, shape (1623, images per character, 28, 28)
         folder (str): becomes folder/alphabetAA/characterCCCC/II.png, characters in index order
     """
     for class_idx, character in enumerate(images):
