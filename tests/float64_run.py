@@ -54,12 +54,12 @@ def run(script, flags):
     training.SAVE_INTERVAL, training.VAL_INTERVAL = 1, VAL_INTERVAL
     try:
         with float64():
-            run_float32(script, flags)
+            run_main(script, flags)
     finally:
         training.SAVE_INTERVAL, training.VAL_INTERVAL = saved
 
 
-def run_float32(script, flags):
+def run_main(script, flags):
     """Runs `python script flags...` in this process: what its `__main__` block runs, through
     the imported module, so that a test's patches of the module hold."""
     module = importlib.import_module(Path(script).stem)
@@ -94,7 +94,7 @@ def main(argv):
     for i, (float32, script, flags) in enumerate(commands(argv)):
         if os.environ.get('RANK', '0') == '0':
             print(f'=== {i} ===', file=stdout, flush=True)
-        (run_float32 if float32 else run)(script, flags)
+        (run_main if float32 else run)(script, flags)
         sys.stdout.flush()
 
 

@@ -181,7 +181,7 @@ def test_two_processes_test_every_task_once(launched, built, script):
     with a number of tasks the two share unevenly."""
     folder, _, results = launched
     flags = script_test_flags(folder, built[0])[script]
-    printed = in_process(float64_run.run_float32, script, flags).splitlines()[-1]
+    printed = in_process(float64_run.run_main, script, flags).splitlines()[-1]
     path, = Path(flags[flags.index('--log_dir') + 1]).glob('test.*.json')
     one = json.loads(path.read_text())
     two, printed_two = results[script]

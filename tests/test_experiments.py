@@ -35,13 +35,13 @@ def run_script(*argv):
 
 def run_here(job, passthrough, description):
     """Job.execute in this process: the job's command as `python script flags...` runs it
-    (float64_run.run_float32), its printed output appended to the run's console.log after the
+    (float64_run.run_main), its printed output appended to the run's console.log after the
     command line."""
     script, *flags = job.command(passthrough)[1:]
     job.plan.log_dir.mkdir(parents=True, exist_ok=True)
     with open(job.plan.log_dir / 'console.log', 'a') as log, contextlib.redirect_stdout(log):
         print(f'$ {shlex.join([script, *flags])}')
-        float64_run.run_float32(script, flags)
+        float64_run.run_main(script, flags)
 
 
 def test_a_script_run_here_sees_the_tests_patches_of_its_module(monkeypatch):
@@ -52,7 +52,7 @@ def test_a_script_run_here_sees_the_tests_patches_of_its_module(monkeypatch):
     monkeypatch.setattr(run_metabolism, 'NUM_VAL_TASKS', 8)
     monkeypatch.setattr(run_metabolism.metabolism, 'MetabolismTasks', lambda *args: None)
     monkeypatch.setattr(training, 'main', lambda *args, **kwargs: calls.append(kwargs))
-    float64_run.run_float32('run_metabolism.py', [])
+    float64_run.run_main('run_metabolism.py', [])
     assert calls == [{'num_val_tasks': 8}]
 
 

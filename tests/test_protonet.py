@@ -95,7 +95,7 @@ def test_loss_and_gradients_equal_a_plain_per_task_implementation(omniglot_batch
 
 def run_protonet(capsys, *argv):
     """`python protonet.py argv...`, in this process; returns what it printed."""
-    float64_run.run_float32('protonet.py', list(argv))
+    float64_run.run_main('protonet.py', list(argv))
     return capsys.readouterr().out
 
 
