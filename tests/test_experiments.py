@@ -182,7 +182,7 @@ def test_a_figure_draws_the_logged_scalars(tiny):
 
 def test_the_stability_figure_draws_each_seed_that_has_run(tiny, tmp_path):
     """Seed 0 of both methods is all the figure needs; another seed is drawn, and named in the
-    caption's note, once its run has a checkpoint."""
+    caption's note, once its run has a checkpoint; until then the note names it as not yet run."""
     log_root = tmp_path / 'logs'
     shutil.copytree(tiny[0], log_root)
     for name in ('fomaml_5shot_seed_1', 'mamlpp_5shot_seed_2'):
@@ -192,7 +192,8 @@ def test_the_stability_figure_draws_each_seed_that_has_run(tiny, tmp_path):
     markdown = report.render_item(figure, 1, report.Runs(log_root), tmp_path, drawn)
     assert [[line.get_label().split(' (')[0] for line in ax.lines]
             for ax in drawn['stability'].axes] == [['seed 0', 'seed 2'], ['seed 0', 'seed 1']]
-    note = markdown.split('Shortened runs: ')[1]
+    note, unrun = markdown.split('Shortened runs: ')[1].split(' Not yet run: ')
+    assert unrun.strip() == 'fomaml_5shot_seed_1, mamlpp_5shot_seed_2.'
     assert [entry.split(',')[0] for entry in note.split('; ')] == [
         'fomaml_5shot', 'mamlpp_5shot', 'fomaml_5shot_seed_2', 'mamlpp_5shot_seed_1']
     assert set(figure.runs) == {'fomaml_5shot', 'mamlpp_5shot'}
