@@ -308,8 +308,8 @@ class Job:
                                       process_group=0, env=dict(os.environ, PYTHONUNBUFFERED='1')
                                       ) as process:
                     while not finished(process, self.POLL_SECONDS):
-                        bar.update(self.done() - bar.n)
-            bar.update(self.done() - bar.n)
+                        advance(bar, self.done())
+            advance(bar, self.done())
         if signals:
             raise util.Stopped(f'Stopped by {signal.Signals(signals[0]).name} in '
                                f'{self.plan.run.name}, its work saved; run the same command '
@@ -318,6 +318,13 @@ class Job:
             raise util.UserError(f'{self.plan.run.name} failed ({last_line(console)}); its '
                                  f'output is in {console}. Fix the cause and run again: '
                                  'finished work is kept')
+
+
+def advance(bar, done):
+    """Moves bar to done; only when it moved, as tqdm prints a line for every update, even by
+    0, into a log that is not a terminal."""
+    if done != bar.n:
+        bar.update(done - bar.n)
 
 
 def finished(process, seconds):
@@ -397,7 +404,8 @@ def parse_args(argv=None):
                              'logs/experiments_tiny, logs/experiments_scale_F)')
     parser.add_argument('--only', nargs='+', default=[], metavar='NAME',
                         help='run only these (see --list): names, the group stability (its '
-                             'six runs), or a prefix such as maml for every run named maml_...')
+                             'six runs), or a prefix such as maml for every run named maml_...; '
+                             "they run in --list's order, whatever the order given")
     parser.add_argument('--list', action='store_true', help='print the runs and their state')
     parser.add_argument('--datadir', default=None,
                         help="passed on to run_metabolism.py (default: its own, ./data/metabolism)")

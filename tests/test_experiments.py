@@ -264,6 +264,23 @@ def test_a_job_follows_its_files_not_its_printed_lines(tmp_path, monkeypatch):
     assert (tmp_path / 'console.log').read_text().count('Iteration 4: loss: 1.000\n') == 2
 
 
+def test_a_job_bar_prints_only_when_it_moves(tmp_path, monkeypatch, capsys):
+    """While a command runs without saving, its bar writes nothing new: a log that is not a
+    terminal gets one frame at the start, one for the checkpoint saved, and one at the end, not
+    one per poll."""
+    plan = experiments.Plan(experiments.BY_NAME['protonet_5shot'], tmp_path, 6,
+                            ['--num_train_iterations', '6'], 4)
+    job = experiments.jobs(plan)[0]
+    script = ("import pathlib, sys, time; time.sleep(0.5); "
+              "pathlib.Path(sys.argv[1], 'state5.pt').touch()")
+    monkeypatch.setattr(experiments.Job, 'POLL_SECONDS', 0.01)
+    monkeypatch.setattr(experiments.Job, 'command', lambda self, passthrough: [
+        sys.executable, '-c', script, str(tmp_path)])
+    job.execute([], 'train')
+    frames = [frame for frame in capsys.readouterr().err.split('\r') if frame.strip()]
+    assert len(frames) == 3 and '6/6' in frames[-1], frames
+
+
 def test_bad_input_is_a_one_line_error(tiny, tmp_path, capsys):
     log_root = tiny[0]
     for argv, message in (
