@@ -2,12 +2,15 @@
 
 On one seeded batch, for weights drawn with several seeds, ours and the reference (reference.py)
 compute the loss and every gradient in float32, and the reference again in float64. Ours passes
-when its largest relative error against float64 is within ACCURACY_MARGIN times the reference's
-own (or within RELATIVE_TOLERANCE). Comparing ours with the reference's float32 result directly
-would fail any change of summation order: second-order MAML in float32 is itself ~1e-2 from
-float64, and on Omniglot's binary images rounding decides ties in max pooling, so the float32
-error of either side varies 100-fold with the weights. The float64 references run on the CPU,
-from copies (Apple's MPS has no float64).
+when its largest relative error against float64 is within ACCURACY_MARGIN times the
+reference's own (or within RELATIVE_TOLERANCE), each the median over the seeds. Comparing ours
+with the reference's float32 result directly would fail any change of summation order:
+second-order MAML in float32 is itself ~1e-2 from float64, and on Omniglot's binary images
+rounding decides ties in max pooling and at a ReLU's 0. One tie picked the other way moves a
+gradient by ~1e-3 of its norm, on one side and not the other, for one draw of the weights and
+not the next, and at another thread count or on another CPU not at all; the median over three
+draws leaves such a draw out, where a loss of precision shows in every draw. The float64
+references run on the CPU, from copies (Apple's MPS has no float64).
 """
 import functools
 
@@ -156,10 +159,11 @@ def check_numerics(batch_size, num_query, device, log_dir, seeds):
             for tasks, suffix in TASKS:
                 errors.setdefault(name + suffix, []).append((ours[tasks], theirs))
     print(f'Float32 loss and gradients against the reference in float64, same batch of '
-          f'{batch_size} tasks: largest relative error over weights drawn with seeds {seeds}')
+          f'{batch_size} tasks: largest relative error, the median over weights drawn with '
+          f'seeds {seeds}')
     passed = True
     for name in [name + suffix for _, suffix in TASKS for name in checks]:
-        ours, theirs = np.max(errors[name], axis=0)
+        ours, theirs = np.median(errors[name], axis=0)
         ok = ours <= max(RELATIVE_TOLERANCE, ACCURACY_MARGIN * theirs)
         passed &= ok
         print(f'  {name}: ours {ours:.1e}, reference {theirs:.1e} {"ok" if ok else "FAILED"}')

@@ -172,7 +172,9 @@ def test_the_float64_references_widen_cpu_copies(check, num_support, monkeypatch
     with Widenings(monkeypatch) as widenings:
         ours, theirs = check(batch, str(tmp_path))
     assert widenings.elsewhere == 0
-    assert all(0 < error < 1e-3 for error in (*ours.values(), theirs))
+    # 1e-2: where float32 rounding picks the side of a ReLU's or max pooling's tie (Omniglot's
+    # images are binary), one pick moves a gradient by ~1e-3 of its norm
+    assert all(0 < error < 1e-2 for error in (*ours.values(), theirs))
 
 
 def test_time_to_accuracy_stops_at_the_first_validation_at_the_target():

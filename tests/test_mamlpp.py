@@ -15,6 +15,9 @@ from test_maml import (KEYS, NUM_WAY, assert_dicts_close, meta_gradient, parse, 
                        values)
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors
+# A convolution's bias before batch norm has a gradient of rounding noise (zero in exact
+# arithmetic), and so has its inner lr: whether either moves depends on the CPU's rounding.
+NOISE_GRADIENTS = ('b0', 'b1', 'b2', 'b3')
 
 
 def plus_model(tmp_path, num_inner_steps, plus, first_order=False):
@@ -160,8 +163,9 @@ def test_mamlpp_checkpoints_every_parameter_and_resumes_exactly(tmp_path):
         assert_dicts_close(*({k: v.detach() for k, v in getattr(model, '_' + name).items()}
                              for model in (resumed, straight)), rtol=0, atol=0)
         moved = [k for k, v in getattr(resumed, '_' + name).items()
-                 if not torch.equal(v.detach(), checkpoint[name][k])]
-        assert moved == list(checkpoint[name]), f'{name} did not all move after resuming'
+                 if not torch.equal(v.detach(), checkpoint[name][k]) and k not in NOISE_GRADIENTS]
+        expected = [k for k in checkpoint[name] if k not in NOISE_GRADIENTS]
+        assert moved == expected, f'{name} did not all move after resuming'
     assert resumed._optimizer.param_groups[0]['lr'] == straight._optimizer.param_groups[0]['lr']
 
 
