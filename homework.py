@@ -22,9 +22,9 @@ import util
 ROOT = Path(__file__).resolve().parent
 GRADED_FILES = ('protonet.py', 'maml.py', 'maml_transfer.py')
 # Left out of the starter: the solution's tests and tools, and our results (the answers to the
-# handouts' written questions, the runs behind them and their trained models).
+# handouts' written questions and the --test results behind them).
 INSTRUCTOR_ONLY = ('reference.py', 'homework.py', 'tests/', 'benchmarks/', '.ci/',
-                   'docs/HANDOUT.md', 'docs/RESULTS.md', 'docs/runs/', 'figures/')
+                   'docs/HANDOUT.md', 'docs/RESULTS.md', 'docs/test_results/', 'figures/')
 SOLUTION_FILES = ('reference.py',)  # what the autograder adds to the starter: hidden tests' module
 START = '### START CODE HERE ###'
 END = '### END CODE HERE ###'

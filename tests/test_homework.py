@@ -122,7 +122,7 @@ def test_the_starter_is_the_solution_with_blanks_that_fill_back_byte_for_byte(st
                   if path.is_file() and '__pycache__' not in path.parts) == expected
     assert {'grader.py', 'points.json'} <= set(expected) and 'reference.py' not in expected
     assert not {'docs/HANDOUT.md', 'docs/RESULTS.md'} & set(expected)  # our answers
-    assert not any(name.startswith(('figures/', 'docs/runs/')) for name in expected)  # our runs
+    assert not any(name.startswith(('figures/', 'docs/test_results/')) for name in expected)  # our results
     for name in expected:
         solution = (ROOT / name).read_bytes()
         if name in homework.GRADED_FILES:
