@@ -115,4 +115,3 @@ def test_the_figures_carry_the_reports_numbers(tmp_path, monkeypatch):
         0.72: "the 2023 report's final validation, 0.720 ± 0.004"}
     for slug in ('fomaml', 'second_handout'):
         assert levels[slug] == {0.8: "the handout's bar for first-order MAML (0.80)"}
-
