@@ -301,7 +301,8 @@ class Job:
                 process.send_signal(signum)
         # The handlers come first: a signal as the command line is logged stops us here.
         with util.on_stop_signals(pass_on), open(console, 'a', buffering=1) as log, \
-                tqdm(total=self.total, desc=description, unit='it', leave=True) as bar:
+                tqdm(total=self.total, initial=self.done(), desc=description, unit='it',
+                     leave=True) as bar:
             log.write(f'$ {shlex.join(command[1:])}\n')
             if not signals:
                 with subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,

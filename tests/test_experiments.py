@@ -281,6 +281,22 @@ def test_a_job_bar_prints_only_when_it_moves(tmp_path, monkeypatch, capsys):
     assert len(frames) == 3 and '6/6' in frames[-1], frames
 
 
+def test_a_resumed_job_bar_starts_where_its_checkpoints_are(tmp_path, monkeypatch, capsys):
+    """A run continued from a checkpoint starts its bar there, not at 0: no jump to count as
+    speed (tqdm's rate and time left cover the new iterations only)."""
+    monkeypatch.setattr(training, 'SAVE_INTERVAL', 2)  # checkpoints 0, 2, 4 of 6 iterations
+    plan = experiments.Plan(experiments.BY_NAME['protonet_5shot'], tmp_path, 6,
+                            ['--num_train_iterations', '6'], 4)
+    job = experiments.jobs(plan)[0]
+    (tmp_path / 'state2.pt').touch()
+    script = "import pathlib, sys; pathlib.Path(sys.argv[1], 'state5.pt').touch()"
+    monkeypatch.setattr(experiments.Job, 'command', lambda self, passthrough: [
+        sys.executable, '-c', script, str(tmp_path)])
+    job.execute([], 'train')
+    frames = [frame for frame in capsys.readouterr().err.split('\r') if frame.strip()]
+    assert '3/6' in frames[0] and '6/6' in frames[-1], frames
+
+
 def test_bad_input_is_a_one_line_error(tiny, tmp_path, capsys):
     log_root = tiny[0]
     for argv, message in (
