@@ -360,6 +360,7 @@ class Table:
     caption: str
     runs: tuple  # the runs it needs
     build: object  # runs -> (header, rows)
+    also: tuple = ()  # as Figure's
 
 
 def test_cell(runs, name, shot, query):
@@ -481,9 +482,8 @@ def write_report(log_root, out):
 
 def render_item(item, number, runs, figures_dir, drawn):
     """One figure (drawn to a PNG) or table as Markdown with its number and caption."""
-    also = getattr(item, 'also', ())
-    shown = [*item.runs, *(name for name in also if name in runs.saved)]
-    unrun = [name for name in also if name not in runs.saved]
+    shown = [*item.runs, *(name for name in item.also if name in runs.saved)]
+    unrun = [name for name in item.also if name not in runs.saved]
     note = runs.note(shown or runs.saved) + (f' Not yet run: {", ".join(unrun)}.' if unrun else '')
     if isinstance(item, Figure):
         path = figures_dir / f'figure{number:02d}_{item.slug}.png'
