@@ -254,6 +254,7 @@ def draw_second_handout(ax, runs):
 
 
 STABILITY_METHODS = {'fomaml': 'first-order MAML', 'mamlpp': 'MAML++'}
+MORE_SEEDS = tuple(name for name in experiments.STABILITY_RUNS if name not in (FOMAML, MAMLPP))
 
 
 def draw_stability(axes, runs):
@@ -325,8 +326,7 @@ FIGURES = (
            f'(5-way 5-shot, 15 queries, 5 inner steps at inner learning rate {LR}, 1000 '
            f'iterations), seeds {", ".join(map(str, experiments.STABILITY_SEEDS))} for both '
            "methods, each line naming its seed; a seed's run is drawn once it has a checkpoint.",
-           (FOMAML, MAMLPP), draw_stability, panels=2,
-           also=tuple(name for name in experiments.STABILITY_RUNS if name not in (FOMAML, MAMLPP))),
+           (FOMAML, MAMLPP), draw_stability, panels=2, also=MORE_SEEDS),
 )
 
 
@@ -414,6 +414,19 @@ def second_handout_rows(runs):
              for name in SECOND_HANDOUT_RUNS])
 
 
+def stability_rows(runs):
+    return (['seed', *STABILITY_METHODS.values()],
+            [[str(seed), *(stability_cell(runs, experiments.stability_name(method, seed))
+                           for method in STABILITY_METHODS)]
+             for seed in experiments.STABILITY_SEEDS])
+
+
+def stability_cell(runs, name):
+    if name not in runs.saved:
+        return 'not run'
+    return test_cell(runs, name, *tested_shape(experiments.BY_NAME[name]))
+
+
 def runs_rows(runs):
     return (['run', 'command', 'iterations', 'last started'],
             [[name, f"`{' '.join([record['script'], *record['argv']])}`",
@@ -441,6 +454,10 @@ TABLES = (
           'Last validation post-adaptation query accuracy and the test accuracy; the '
           f"handout's bar for first-order MAML is {FOMAML_BAR:.2f} on validation within 1000 "
           'iterations.', SECOND_HANDOUT_RUNS, second_handout_rows),
+    Table(H2, 'Training stability: test accuracy by seed',
+          "Each seed's run of both methods at its last checkpoint, on 5-way 5-shot test tasks "
+          "with 15 queries per class drawn with that seed (the same tasks for both methods), "
+          'mean ± 95% interval.', (FOMAML, MAMLPP), stability_rows, also=MORE_SEEDS),
     Table(RUNS, 'Every run and how it was made',
           "Each run's command (its log dir's flags.json holds every flag, TensorBoard's HPARAMS "
           "tab the same), its length against the handouts', and when it started.", (), runs_rows),

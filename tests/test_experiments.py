@@ -1,7 +1,7 @@
 """experiments.py and report.py end to end at tiny scale, on the real data: every run of both
 handouts, every figure and table, numbers and points checked against what the runs wrote.
 
-The tiny tree's 38 jobs run in this process (`run_here`), each the command experiments.py
+The tiny tree's 40 jobs run in this process (`run_here`), each the command experiments.py
 would start, as `python script flags...` runs it: a subprocess would spend most of its 4 s
 importing torch. experiments.py's own subprocesses, their signals and console.log are
 tested by test_a_second_call_does_no_work here and by test_preemption.py."""
@@ -94,8 +94,7 @@ def test_every_figure_and_table_is_produced(tiny):
     markdown = (out / 'REPORT.md').read_text()
     assert 'Not in the report yet' not in markdown
     pngs = sorted(path.name for path in (out / 'figures').iterdir())
-    # the README's count ("12 numbered, captioned figures ... and 6 tables"), not report's own
-    assert len(pngs) == 12 and len(report.TABLES) == 6
+    assert len(pngs) == 12 and len(report.TABLES) == 7
     assert pngs == [f'figure{n:02d}_{f.slug}.png' for n, f in enumerate(report.FIGURES, 1)]
     for number, png in enumerate(pngs, 1):
         assert (out / 'figures' / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -146,6 +145,9 @@ def test_the_report_numbers_are_the_json_results(tiny):
     assert metabolism[1] == f'{accuracy:.3f} ± {ci95:.3f} (iteration 0)'
     second = {row[0]: row[2] for row in found['Second handout: 5-way 5-shot']}
     assert second == {name: result(log_root, name, 5, 15) for name in report.SECOND_HANDOUT_RUNS}
+    assert found['Training stability: test accuracy by seed'] == [
+        [str(seed), *(result(log_root, experiments.stability_name(method, seed), 5, 15)
+                      for method in ('fomaml', 'mamlpp'))] for seed in experiments.STABILITY_SEEDS]
     commands = {row[0]: row[1] for row in found['Every run and how it was made']}
     assert set(commands) == {run.name for run in experiments.RUNS}
     assert commands['fomaml_5shot'].startswith('`maml.py --first_order --num_support 5 '
@@ -180,9 +182,10 @@ def test_a_figure_draws_the_logged_scalars(tiny):
             np.testing.assert_allclose(line.get_xydata(), logged, rtol=1e-6)
 
 
-def test_the_stability_figure_draws_each_seed_that_has_run(tiny, tmp_path):
-    """Seed 0 of both methods is all the figure needs; another seed is drawn, and named in the
-    caption's note, once its run has a checkpoint; until then the note names it as not yet run."""
+def test_the_stability_figure_and_table_show_each_seed_that_has_run(tiny, tmp_path):
+    """Seed 0 of both methods is all the figure and the seeds' table need; another seed is drawn
+    and tested, and named in the caption's note, once its run has a checkpoint; until then the
+    note names it as not yet run and the table says so."""
     log_root = tmp_path / 'logs'
     shutil.copytree(tiny[0], log_root)
     for name in ('fomaml_5shot_seed_1', 'mamlpp_5shot_seed_2'):
@@ -197,6 +200,12 @@ def test_the_stability_figure_draws_each_seed_that_has_run(tiny, tmp_path):
     assert [entry.split(',')[0] for entry in note.split('; ')] == [
         'fomaml_5shot', 'mamlpp_5shot', 'fomaml_5shot_seed_2', 'mamlpp_5shot_seed_1']
     assert set(figure.runs) == {'fomaml_5shot', 'mamlpp_5shot'}
+    table, = (table for table in report.TABLES if table.build is report.stability_rows)
+    rows = tables(report.render_item(table, 1, report.Runs(log_root), tmp_path, drawn))
+    assert [row[1:] for row in rows[table.title]] == [
+        [result(log_root, 'fomaml_5shot', 5, 15), result(log_root, 'mamlpp_5shot', 5, 15)],
+        ['not run', result(log_root, 'mamlpp_5shot_seed_1', 5, 15)],
+        [result(log_root, 'fomaml_5shot_seed_2', 5, 15), 'not run']]
 
 
 def test_a_second_call_does_no_work(tiny):
