@@ -60,12 +60,6 @@ def inner_lr(run):
 LR, SMALL_LR = inner_lr(experiments.MAML_DEFAULT_LR), inner_lr(experiments.MAML_SMALL_LR)
 
 
-def tested_shape(run):
-    """(support, query) of the one --test of a run tested on its training shape."""
-    (shape,) = run.tests
-    return shape
-
-
 PROTONET_METRICS = accuracy_metrics(protonet.ProtoNet)
 MAML_METRICS = accuracy_metrics(maml.MAML)
 PARTS = {'P1': 'Part 1: Prototypical networks', 'P2': 'Part 2: MAML',
@@ -368,6 +362,12 @@ def test_cell(runs, name, shot, query):
     return interval(result['mean'], result['ci95']) if result else 'not tested'
 
 
+def own_shape_cell(runs, name):
+    """The test cell of a run tested once, on its training shape."""
+    (shape,) = experiments.BY_NAME[name].tests
+    return test_cell(runs, name, *shape)
+
+
 def reported_cell(value):
     return interval(*value) if value else '—'
 
@@ -402,7 +402,7 @@ def metabolism_rows(runs):
     _, ci95 = runs.curve(METABOLISM, VAL_CI95)
     last = f'{interval(accuracies[-1], ci95[-1])} (iteration {steps[-1]})' if steps else '—'
     return (['', 'validation query accuracy', 'test accuracy'],
-            [['ours', last, test_cell(runs, METABOLISM, *tested_shape(experiments.METABOLISM))],
+            [['ours', last, own_shape_cell(runs, METABOLISM)],
              *([f'{year} report', reported_cell(value), '—']
                for year, value in REPORTED['metabolism_val'].items())])
 
@@ -410,7 +410,7 @@ def metabolism_rows(runs):
 def second_handout_rows(runs):
     return (['run', 'last validation', 'test accuracy'],
             [[name, last_validation(runs, name),
-              test_cell(runs, name, *tested_shape(experiments.BY_NAME[name]))]
+              own_shape_cell(runs, name)]
              for name in SECOND_HANDOUT_RUNS])
 
 
@@ -424,7 +424,7 @@ def stability_rows(runs):
 def stability_cell(runs, name):
     if name not in runs.saved:
         return 'not run'
-    return test_cell(runs, name, *tested_shape(experiments.BY_NAME[name]))
+    return own_shape_cell(runs, name)
 
 
 def runs_rows(runs):
